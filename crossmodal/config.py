@@ -1,0 +1,143 @@
+"""Typed configuration: the model (what an artifact needs to rebuild it) and the training recipe.
+
+Every default carries its reason. Two presets exist: ``flickr30k`` (the real recipe, pretrained towers) and ``tiny``
+(small random-init towers and a tokenizer fit on the captions: downloads nothing, runs anywhere in minutes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DEFAULT_DATASET = "umaru97/flickr30k_train_val_test"
+
+# Text towers we can build with random weights without asking the Hub for their config. The Flickr30k default is
+# listed so the real architecture can be built offline (tests, benchmarks); any other Hub id needs its config.json.
+KNOWN_TEXT_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "sentence-transformers/all-MiniLM-L12-v2": {
+        "model_type": "bert",
+        "hidden_size": 384,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 1536,
+        "max_position_embeddings": 512,
+        "vocab_size": 30522,
+    },
+    "tiny-bert": {
+        "model_type": "bert",
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 512,
+        "max_position_embeddings": 64,
+        "vocab_size": 2048,
+        # No dropout: a 2-layer tower trained for minutes underfits rather than overfits, and without it a
+        # two-process run is bit-comparable with a one-process run (dropout masks differ per process).
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    },
+}
+
+IMAGE_TOWERS = ("torchvision:efficientnet_b0", "tiny-cnn")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the dual encoder and its preprocessing; stored as the artifact's config.json."""
+
+    image_tower: str = "torchvision:efficientnet_b0"  # ImageNet-pretrained, 5.3M params: fast on a CPU Space
+    text_tower: str = "sentence-transformers/all-MiniLM-L12-v2"  # strong 33M-param sentence encoder (DESIGN 1)
+    embed_dim: int = 512  # CLIP ViT-B/32's joint width
+    init: Literal["pretrained", "random"] = "pretrained"  # random: towers from config, tokenizer fit on captions
+    image_size: int = 224  # EfficientNet-B0 IMAGENET1K_V1 eval crop
+    resize_size: int = 256  # its eval resize before the centre crop
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN  # the tower's pretraining normalisation
+    image_std: tuple[float, float, float] = IMAGENET_STD
+    max_text_length: int = 64  # Flickr30k captions are ~12 words; 64 word pieces loses almost nothing
+    logit_scale_init: float = 1 / 0.07  # CLIP
+    logit_scale_max: float = 100.0  # CLIP clamps the scale at 100 to keep training stable
+    # The transformers config of the text tower, filled in once the tower is built, so rebuilding needs no download.
+    text_config: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config.json has unknown model keys {unknown}; was it written by a newer crossmodal?")
+        values = dict(values)
+        for key in ("image_mean", "image_std"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe (DESIGN 5)."""
+
+    epochs: int = 10  # VSE-style recipes converge on Flickr30k in 10-30 epochs from pretrained towers
+    batch_size: int = 256  # global; more in-batch negatives help contrastive learning, 256 fits one GPU in bf16
+    lr: float = 1e-3  # projections and logit scale; the towers get lr * tower_lr_ratio
+    tower_lr_ratio: float = 0.1  # pretrained towers move ~10x slower than the fresh projections (DESIGN 5)
+    weight_decay: float = 0.2  # CLIP; not applied to biases, norms and the logit scale
+    warmup_fraction: float = 0.05  # linear warmup over the first 5% of steps, then cosine to zero
+    seed: int = 42
+    grad_accum_steps: int = 1  # accumulation averages gradients; it does not add negatives
+    max_grad_norm: float = 1.0  # clipping guards the early steps, when the fresh projections move fast
+    freeze_image_norm_stats: bool = True  # BatchNorm statistics frozen (VSE-infinity, SigLIP)
+    num_workers: int = 2  # decode + augment in worker processes; the machine this was tuned on has 2 cores
+    eval_batch_size: int = 256
+    checkpoint_every: int = 500  # steps; also at every epoch end
+    keep_checkpoints: int = 2  # the newest complete ones; older ones are deleted once a newer one is complete
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run aborts
+    max_bad_row_fraction: float = 0.01  # undecodable images / empty captions tolerated before the run refuses to start
+    thumbnail_size: int = 256  # longest side of the JPEG thumbnails shipped in images.parquet
+    log_every: int = 10  # steps between tracker logs
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: ModelConfig
+    train: TrainConfig
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "flickr30k": Preset(
+        model=ModelConfig(),
+        train=TrainConfig(),
+        description="EfficientNet-B0 + MiniLM-L12 from pretrained weights; the recipe of DESIGN 5",
+    ),
+    "tiny": Preset(
+        model=ModelConfig(
+            image_tower="tiny-cnn",
+            text_tower="tiny-bert",
+            embed_dim=128,  # plenty for a few thousand generated pairs
+            init="random",
+            image_size=64,  # the generated scenes are legible at 64 px; 12x fewer pixels than 224
+            resize_size=72,
+            max_text_length=32,  # generated captions are under 20 word pieces
+        ),
+        train=TrainConfig(
+            epochs=10,  # enough for the generated data: val recall plateaus around epoch 8
+            batch_size=64,
+            lr=5e-4,  # 2e-3 collapses the random-init text tower to a constant embedding within a few steps
+            tower_lr_ratio=1.0,  # nothing pretrained to protect
+            weight_decay=0.01,
+            warmup_fraction=0.1,
+            num_workers=1,
+            eval_batch_size=128,
+            checkpoint_every=100,
+        ),
+        description="small random-init towers and a tokenizer fit on the captions; downloads nothing",
+    ),
+}

@@ -1,0 +1,74 @@
+"""Recall@K of an artifact folder, printed as JSON.
+
+    python -m crossmodal.evaluate --artifacts runs/tiny/artifacts                      # from the stored embeddings
+    python -m crossmodal.evaluate --artifacts DIR --dataset ID_OR_PATH --split test    # re-encode a dataset split
+
+The first form re-scores the shipped embeddings (a check of the folder); the second runs the model on the data, so
+it also catches drift between the stored embeddings and the model that is served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from crossmodal.artifacts import ArtifactError, load_model, verify_files
+from crossmodal.data import BadDataError, DataSource, DataUnavailableError, SchemaError, check_rows, load_splits
+from crossmodal.metrics import recall_at_k
+from crossmodal.train import evaluate_rows
+
+
+def metrics_from_embeddings(folder: Path, split: str) -> dict[str, float]:
+    """Recall@K over the stored embeddings of ``split``'s images and their captions."""
+    image_split = pq.read_table(folder / "images.parquet", columns=["split"]).column("split").to_pylist()
+    caption_image = torch.tensor(pq.read_table(folder / "captions.parquet").column("image_index").to_pylist())
+    rows = torch.tensor([index for index, name in enumerate(image_split) if name == split])
+    if rows.numel() == 0:
+        raise ArtifactError(f"{folder / 'images.parquet'}: no images in split {split!r}")
+    in_split = torch.isin(caption_image, rows)
+    new_index = torch.full((len(image_split),), -1, dtype=torch.long)
+    new_index[rows] = torch.arange(rows.numel())
+    images = load_file(folder / "image_embeddings.safetensors")["embeddings"][rows]
+    texts = load_file(folder / "text_embeddings.safetensors")["embeddings"][in_split]
+    return recall_at_k(images, texts, new_index[caption_image[in_split]])
+
+
+def metrics_from_dataset(folder: Path, source: DataSource, split: str, batch_size: int) -> dict[str, float]:
+    """Recall@K of the artifact's model on ``split`` of a dataset, encoded afresh."""
+    accelerator = Accelerator()
+    model, tokenizer = load_model(folder, device=accelerator.device)
+    splits, _ = check_rows(load_splits(source), max_bad_fraction=0.01)
+    return evaluate_rows(accelerator, model, tokenizer, splits[split], batch_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", type=Path, required=True, help="an artifact folder written by training")
+    parser.add_argument("--dataset", default=None, help="Hub id or local folder; omit to use the stored embeddings")
+    parser.add_argument("--dataset-revision", default=None)
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    try:
+        verify_files(args.artifacts)
+        if args.dataset is None:
+            metrics = metrics_from_embeddings(args.artifacts, args.split)
+        else:
+            source = DataSource(args.dataset, args.dataset_revision)
+            metrics = metrics_from_dataset(args.artifacts, source, args.split, args.batch_size)
+    except (ArtifactError, SchemaError, BadDataError, DataUnavailableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

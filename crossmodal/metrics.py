@@ -1,0 +1,66 @@
+"""Recall@K for image<->text retrieval when each image has several captions (the Flickr30k protocol).
+
+- image -> text: a hit at K if any of the image's captions is among the K best captions.
+- text -> image: a hit at K if the caption's own image is among the K best images.
+Ties count against the model: the true item's rank is the number of wrong items scoring at least as high, so a
+model that scores everything equally gets 0, not 100. Results are in percent; RSUM adds the six recalls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KS = (1, 5, 10)
+
+
+def _image_to_text_ranks(similarity: torch.Tensor, caption_image: torch.Tensor, chunk: int) -> torch.Tensor:
+    """similarity [I, C]; caption_image [C] -> for each image, how many other images' captions beat its best one."""
+    num_images = similarity.shape[0]
+    ranks = torch.empty(num_images, dtype=torch.long)
+    for start in range(0, num_images, chunk):
+        rows = similarity[start : start + chunk]  # [b, C]
+        own = caption_image.unsqueeze(0) == torch.arange(start, start + rows.shape[0]).unsqueeze(1)  # [b, C]
+        best_own = rows.masked_fill(~own, float("-inf")).amax(dim=1, keepdim=True)  # [b, 1]
+        ranks[start : start + rows.shape[0]] = ((rows >= best_own) & ~own).sum(dim=1)
+    return ranks
+
+
+def _text_to_image_ranks(similarity: torch.Tensor, caption_image: torch.Tensor, chunk: int) -> torch.Tensor:
+    """similarity [I, C] -> for each caption, how many other images score at least as high as its own image."""
+    num_captions = similarity.shape[1]
+    ranks = torch.empty(num_captions, dtype=torch.long)
+    for start in range(0, num_captions, chunk):
+        columns = similarity[:, start : start + chunk].T  # [b, I]
+        own_image = caption_image[start : start + columns.shape[0]]
+        own_score = columns.gather(1, own_image.unsqueeze(1))  # [b, 1]
+        ranks[start : start + columns.shape[0]] = (columns >= own_score).sum(dim=1) - 1  # minus the image itself
+    return ranks
+
+
+def recall_at_k(
+    image_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    caption_image: torch.Tensor,
+    ks: tuple[int, ...] = KS,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Recall@K both ways, in percent, plus ``rsum``.
+
+    image_embeddings [I, D] and text_embeddings [C, D] are L2-normalised; caption_image [C] gives each caption's
+    image row. Every image needs at least one caption.
+    """
+    caption_image = caption_image.long().cpu()
+    if caption_image.numel() != text_embeddings.shape[0]:
+        raise ValueError(f"{caption_image.numel()} caption->image links for {text_embeddings.shape[0]} captions")
+    if torch.bincount(caption_image, minlength=image_embeddings.shape[0]).min() == 0:
+        raise ValueError("every image needs at least one caption to compute image->text recall")
+    similarity = image_embeddings.float().cpu() @ text_embeddings.float().cpu().T  # [I, C]
+    i2t = _image_to_text_ranks(similarity, caption_image, chunk)
+    t2i = _text_to_image_ranks(similarity, caption_image, chunk)
+    results: dict[str, float] = {}
+    for k in ks:
+        results[f"i2t_R@{k}"] = 100.0 * (i2t < k).double().mean().item()
+    for k in ks:
+        results[f"t2i_R@{k}"] = 100.0 * (t2i < k).double().mean().item()
+    results["rsum"] = sum(results.values())
+    return results

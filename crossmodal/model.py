@@ -1,0 +1,153 @@
+"""The dual encoder: an image tower and a text tower, each projected into one L2-normalised space (CLIP).
+
+image [B, 3, S, S] -> image tower -> [B, F_img] -> linear -> [B, D] -> L2 norm
+text  [B, T] ids   -> text tower  -> [B, T, H]  -> masked mean -> [B, H] -> linear -> [B, D] -> L2 norm
+logits = exp(logit_scale) * image_emb @ text_emb.T            (logit_scale learnable, clamped at log 100)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import EfficientNet_B0_Weights, efficientnet_b0
+from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase
+
+from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, ModelConfig
+
+
+class TinyCNN(nn.Module):
+    """Four stride-2 conv stages with GroupNorm: a small image tower for the ``tiny`` preset.
+
+    GroupNorm rather than BatchNorm so its output does not depend on how the batch is split across processes.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for width in widths:
+            layers += [
+                nn.Conv2d(in_channels, width, kernel_size=3, stride=2, padding=1, bias=False),
+                nn.GroupNorm(8, width),
+                nn.GELU(),
+                nn.Conv2d(width, width, kernel_size=3, padding=1, bias=False),
+                nn.GroupNorm(8, width),
+                nn.GELU(),
+            ]
+            in_channels = width
+        self.features = nn.Sequential(*layers)
+        self.out_features = in_channels
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.features(pixel_values).mean(dim=(2, 3))  # [B, C, h, w] -> [B, C]
+
+
+def build_image_tower(name: str, *, pretrained: bool) -> tuple[nn.Module, int]:
+    """The image tower without its classifier, and its feature width."""
+    if name == "tiny-cnn":
+        tower = TinyCNN()
+        return tower, tower.out_features
+    if name == "torchvision:efficientnet_b0":
+        tower = efficientnet_b0(weights=EfficientNet_B0_Weights.IMAGENET1K_V1 if pretrained else None)
+        width = tower.classifier[-1].in_features  # 1280
+        tower.classifier = nn.Identity()  # keep avgpool + flatten; drop dropout + the ImageNet head
+        return tower, width
+    raise ValueError(f"unknown image tower {name!r}; choose 'torchvision:efficientnet_b0' or 'tiny-cnn'")
+
+
+def text_tower_config(config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """The transformers config of a random-init text tower: stored, a known architecture, or the Hub's."""
+    if config.text_config is not None:
+        return dict(config.text_config)
+    if config.text_tower in KNOWN_TEXT_ARCHITECTURES:
+        values = dict(KNOWN_TEXT_ARCHITECTURES[config.text_tower])
+    else:
+        values = AutoConfig.from_pretrained(config.text_tower).to_dict()
+    values["vocab_size"] = len(tokenizer)  # the tokenizer may have been fit on the captions
+    values["pad_token_id"] = tokenizer.pad_token_id
+    return values
+
+
+def build_text_tower(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, pretrained: bool) -> nn.Module:
+    if pretrained:
+        return AutoModel.from_pretrained(config.text_tower, add_pooling_layer=False)
+    values = text_tower_config(config, tokenizer)
+    model_type = values.pop("model_type")
+    tower_config = AutoConfig.for_model(model_type, **values)
+    return AutoModel.from_config(tower_config, add_pooling_layer=False)
+
+
+class DualEncoder(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        image_tower: nn.Module,
+        image_width: int,
+        text_tower: nn.Module,
+        *,
+        freeze_image_norm_stats: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.image_projection = nn.Linear(image_width, config.embed_dim, bias=False)
+        self.text_projection = nn.Linear(text_tower.config.hidden_size, config.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
+        self.freeze_image_norm_stats = freeze_image_norm_stats
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        super().train(mode)
+        if mode and self.freeze_image_norm_stats:
+            # Pretrained BatchNorm statistics are better than ones re-estimated from small contrastive batches.
+            for module in self.image_tower.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.image_tower(pixel_values)  # [B, F_img]
+        return F.normalize(self.image_projection(features), dim=-1)  # [B, D]
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # mean over real tokens: [B, H]
+        return F.normalize(self.text_projection(pooled), dim=-1)  # [B, D]
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask), self.scale()
+
+
+def build_model(
+    config: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    pretrained: bool,
+    freeze_image_norm_stats: bool = False,
+) -> tuple[DualEncoder, ModelConfig]:
+    """Build the dual encoder, and return the config completed with the text tower's full transformers config.
+
+    ``pretrained=False`` downloads nothing: this is how an artifact is rebuilt before its weights are loaded.
+    """
+    image_tower, image_width = build_image_tower(config.image_tower, pretrained=pretrained)
+    text_tower = build_text_tower(config, tokenizer, pretrained=pretrained)
+    text_config = {
+        key: value
+        for key, value in text_tower.config.to_dict().items()
+        if key not in ("transformers_version", "_name_or_path")  # provenance, not architecture
+    }
+    completed = dataclasses.replace(config, text_config=text_config)
+    model = DualEncoder(
+        completed, image_tower, image_width, text_tower, freeze_image_norm_stats=freeze_image_norm_stats
+    )
+    return model, completed

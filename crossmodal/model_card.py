@@ -1,0 +1,105 @@
+"""The artifact's README.md: a Hub model card with the test Recall@K as ``model-index`` results."""
+
+from __future__ import annotations
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from crossmodal.config import ModelConfig, TrainConfig
+
+METRIC_NAMES = {
+    "i2t_R@1": "Image-to-text Recall@1",
+    "i2t_R@5": "Image-to-text Recall@5",
+    "i2t_R@10": "Image-to-text Recall@10",
+    "t2i_R@1": "Text-to-image Recall@1",
+    "t2i_R@5": "Text-to-image Recall@5",
+    "t2i_R@10": "Text-to-image Recall@10",
+    "rsum": "RSUM",
+}
+
+TEMPLATE = """---
+{card_data}
+---
+
+# {model_name}
+
+A CLIP-style dual encoder for text-to-image and image-to-text search, trained with crossmodal on `{dataset}`.
+
+- Image tower: `{image_tower}` ({image_size}px input), text tower: `{text_tower}` (mean pooling, up to {max_len} word
+  pieces), both projected to a shared {embed_dim}-d space and L2-normalised.
+- Initialisation: {init}. Training: symmetric InfoNCE over the global batch of {batch_size}, {epochs} epochs, AdamW at
+  lr {lr} (towers x{tower_ratio}), warmup then cosine; checkpoint picked on validation RSUM.
+
+## Results (test split, {test_images} images, Recall in %)
+
+| direction | R@1 | R@5 | R@10 |
+|---|---|---|---|
+| image -> text | {i2t_R@1:.1f} | {i2t_R@5:.1f} | {i2t_R@10:.1f} |
+| text -> image | {t2i_R@1:.1f} | {t2i_R@5:.1f} | {t2i_R@10:.1f} |
+
+RSUM {rsum:.1f}. Ties count against the model. Training curves and a similarity heatmap are in `plots/`.
+
+![training curves](plots/training_curves.png)
+![test similarity](plots/test_similarity.png)
+
+## Use
+
+```python
+from crossmodal.artifacts import load_model
+model, tokenizer = load_model("path/to/this/folder")
+```
+
+## Data and limitations
+
+Flickr30k images come from Flickr and are licensed for non-commercial research use only; captions are English.
+The model knows the Flickr domain (people, animals, everyday scenes) and English text only; it inherits the biases
+of its captions. Embeddings of every image and caption of the dataset ship with the model for search.
+"""
+
+
+def render_model_card(
+    model: ModelConfig, train: TrainConfig, metrics: dict[str, dict[str, float]], dataset: dict[str, str | None]
+) -> str:
+    test = metrics.get("test", {})
+    dataset_id = dataset.get("id") or "unknown"
+    card_data = ModelCardData(
+        model_name=f"crossmodal {model.image_tower} + {model.text_tower}",
+        library_name="crossmodal",
+        language="en",
+        tags=["image-text-retrieval", "clip", "dual-encoder", "flickr30k"],
+        datasets=None if dataset.get("local") else [dataset_id],  # the Hub only links Hub datasets
+        eval_results=[
+            EvalResult(
+                task_type="image-text-retrieval",
+                task_name="Image-text retrieval",
+                dataset_type=dataset_id,
+                dataset_name=dataset_id,
+                dataset_split="test",
+                dataset_revision=dataset.get("revision"),
+                metric_type=key.lower().replace("@", "_at_"),
+                metric_name=name,
+                metric_value=round(test[key], 2),
+            )
+            for key, name in METRIC_NAMES.items()
+            if key in test
+        ],
+    )
+    card = ModelCard(
+        TEMPLATE.format(
+            card_data=card_data.to_yaml(),
+            model_name=card_data.model_name,
+            dataset=dataset_id,
+            image_tower=model.image_tower,
+            image_size=model.image_size,
+            text_tower=model.text_tower,
+            max_len=model.max_text_length,
+            embed_dim=model.embed_dim,
+            init="pretrained towers" if model.init == "pretrained" else "random (towers built from config)",
+            batch_size=train.batch_size,
+            epochs=train.epochs,
+            lr=train.lr,
+            tower_ratio=train.tower_lr_ratio,
+            test_images=dataset.get("test_images", "?"),
+            **{key: test.get(key, float("nan")) for key in METRIC_NAMES},
+        )
+    )
+    return str(card)

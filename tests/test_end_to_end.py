@@ -1,0 +1,102 @@
+"""One real `tiny` run through `accelerate launch` on generated data, then everything it wrote."""
+
+import json
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from crossmodal.artifacts import CONTRACT_FILES, ArtifactError, load_model, verify_files
+from crossmodal.images import decode_image
+from crossmodal.preprocess import image_transform, tokenize
+from tests.conftest import run_cli
+
+TEST_IMAGES = 100  # the generated test split: chance Recall@1 is 1/100 = 1%
+
+
+def test_tiny_training_retrieves_far_above_chance(tiny_run):
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    chance_r1 = 100 / TEST_IMAGES
+    assert metrics["test"]["t2i_R@1"] >= 60, metrics  # chance: 1%
+    assert metrics["test"]["i2t_R@1"] >= 50, metrics  # chance: about 1% too (one of 5 captions among 500)
+    assert metrics["test"]["t2i_R@1"] > 50 * chance_r1
+    assert set(metrics) == {"val", "test"} and metrics["val"]["rsum"] > 0
+
+
+def test_artifact_folder_follows_the_contract(tiny_run):
+    for name in CONTRACT_FILES:
+        assert (tiny_run / name).is_file(), name
+    assert (tiny_run / "plots" / "training_curves.png").is_file()
+    assert (tiny_run / "plots" / "test_similarity.png").is_file()
+    AutoTokenizer.from_pretrained(str(tiny_run / "tokenizer"))
+
+    images = pq.read_table(tiny_run / "images.parquet").to_pydict()
+    captions = pq.read_table(tiny_run / "captions.parquet").to_pydict()
+    assert list(images) == ["image_id", "filename", "split", "thumbnail"]
+    assert list(captions) == ["caption", "image_index"]
+    assert len(images["image_id"]) == 1200 and len(captions["caption"]) == 6000  # every split, every caption
+    assert images["split"].count("test") == TEST_IMAGES
+    assert Image.open(__import__("io").BytesIO(images["thumbnail"][0])).format == "JPEG"
+    assert min(captions["image_index"]) == 0 and max(captions["image_index"]) == 1199
+
+    image_embeddings = load_file(tiny_run / "image_embeddings.safetensors")["embeddings"]
+    text_embeddings = load_file(tiny_run / "text_embeddings.safetensors")["embeddings"]
+    assert image_embeddings.shape == (1200, 128) and text_embeddings.shape == (6000, 128)
+    for embeddings in (image_embeddings, text_embeddings):
+        torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(len(embeddings)), atol=1e-4, rtol=0)
+
+    manifest = verify_files(tiny_run)
+    assert manifest["counts"]["images_per_split"] == {"train": 1000, "val": 100, "test": 100}
+    assert manifest["tensors"]["text_embeddings.safetensors"]["embeddings"] == [6000, 128]
+    assert "torch" in manifest["versions"]
+    card = (tiny_run / "README.md").read_text()
+    assert (
+        "model-index" in card
+        and f"{json.loads((tiny_run / 'metrics.json').read_text())['test']['t2i_R@1']:.1f}" in card
+    )
+
+
+def test_reloaded_model_reproduces_the_stored_embeddings(tiny_run):
+    """The model rebuilt from config.json (no download) + eval preprocessing gives back the shipped embeddings."""
+    model, tokenizer = load_model(tiny_run)
+    captions = pq.read_table(tiny_run / "captions.parquet").column("caption").to_pylist()[:16]
+    with torch.inference_mode():
+        texts = model.encode_text(**tokenize(tokenizer, captions, model.config))
+    stored = load_file(tiny_run / "text_embeddings.safetensors")["embeddings"][:16]
+    torch.testing.assert_close(texts, stored, atol=1e-4, rtol=0)
+
+
+def test_evaluate_cli_reproduces_metrics_json(tiny_run, full_dataset):
+    stored = json.loads((tiny_run / "metrics.json").read_text())["test"]
+    from_embeddings = json.loads(run_cli(sys.executable, "-m", "crossmodal.evaluate", "--artifacts", tiny_run).stdout)
+    assert from_embeddings == pytest.approx(stored)
+    from_data = json.loads(
+        run_cli(
+            sys.executable, "-m", "crossmodal.evaluate", "--artifacts", tiny_run, "--dataset", full_dataset,
+            "--split", "test",
+        ).stdout
+    )  # fmt: skip
+    assert from_data == pytest.approx(stored, abs=1.0)  # same model, same data: equal up to float ties
+
+
+def test_a_flipped_byte_is_refused(tiny_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "artifacts"
+    shutil.copytree(tiny_run, copy)
+    weights = bytearray((copy / "model.safetensors").read_bytes())
+    weights[len(weights) // 2] ^= 0x01
+    (copy / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(ArtifactError, match=r"model\.safetensors: sha256 differs"):
+        verify_files(copy)
+
+
+def test_thumbnails_decode_like_training_images(tiny_run):
+    thumbnail = pq.read_table(tiny_run / "images.parquet").column("thumbnail")[0].as_py()
+    image = decode_image(thumbnail)
+    config = load_model(tiny_run)[0].config
+    assert image_transform(config, train=False)(image).shape == (3, config.image_size, config.image_size)

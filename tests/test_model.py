@@ -1,0 +1,69 @@
+"""Model construction from config, the logit scale, and strict weight loading."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from crossmodal.artifacts import ArtifactError, load_model
+from crossmodal.config import PRESETS, ModelConfig
+from crossmodal.model import build_model
+from crossmodal.tokenizer import fit_wordpiece
+
+CAPTIONS = ["a red circle on the left", "a blue star at the top", "two dogs run in the snow"]
+
+
+@pytest.fixture
+def tiny():
+    tokenizer = fit_wordpiece(CAPTIONS, vocab_size=100, max_length=16)
+    model, config = build_model(PRESETS["tiny"].model, tokenizer, pretrained=False)
+    return model.eval(), config, tokenizer
+
+
+def test_encoders_return_unit_vectors_of_the_embedding_width(tiny):
+    model, config, tokenizer = tiny
+    tokens = tokenizer(CAPTIONS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        images, texts, scale = model(torch.randn(3, 3, 64, 64), tokens["input_ids"], tokens["attention_mask"])
+    assert images.shape == texts.shape == (3, config.embed_dim)
+    torch.testing.assert_close(images.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(texts.norm(dim=1), torch.ones(3))
+    assert scale.item() == pytest.approx(1 / 0.07)
+
+
+def test_padding_does_not_change_a_caption_embedding(tiny):
+    model, _, tokenizer = tiny
+    alone = tokenizer(CAPTIONS[:1], return_tensors="pt")
+    padded = tokenizer(CAPTIONS[:1], padding="max_length", max_length=16, return_tensors="pt")
+    with torch.inference_mode():
+        torch.testing.assert_close(model.encode_text(**alone), model.encode_text(**padded), atol=1e-5, rtol=0)
+
+
+def test_logit_scale_is_clamped_at_100(tiny):
+    model, _, _ = tiny
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))
+    assert model.scale().item() == pytest.approx(100.0)
+
+
+def test_config_round_trips_through_json(tiny):
+    _, config, _ = tiny
+    import json
+
+    assert ModelConfig.from_dict(json.loads(config.to_json())).to_json() == config.to_json()
+    with pytest.raises(ValueError, match="unknown model keys"):
+        ModelConfig.from_dict({**dataclasses.asdict(config), "surprise": 1})
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tiny, tmp_path):
+    model, config, tokenizer = tiny
+    (tmp_path / "config.json").write_text('{"model": ' + config.to_json() + "}")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    weights.pop("image_projection.weight")
+    weights["extra.weight"] = torch.zeros(1)
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(ArtifactError, match=r"missing \['image_projection.weight'\], unexpected \['extra.weight'\]"):
+        load_model(tmp_path)

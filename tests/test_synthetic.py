@@ -1,0 +1,292 @@
+"""The synthetic dataset: the Flickr30k schema, determinism, captions that match the pixels, saving and the CLI."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from crossmodal import synthetic
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["image", "caption", "split", "img_id", "filename"]
+SMALL = {"num_train": 12, "num_val": 5, "num_test": 7, "image_size": (80, 64), "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def small() -> datasets.DatasetDict:
+    return synthetic.generate(**SMALL)
+
+
+@pytest.fixture(scope="module")
+def test_examples() -> list[synthetic._Example]:
+    """A 100-image split at the default size: enough rows for every shape to appear both small and large."""
+    return synthetic._generate_examples(0, 0, 100, (96, 96), seed=0)["test"]
+
+
+def raw(split: datasets.Dataset) -> list[dict]:
+    """Rows with the image left as its stored {"bytes", "path"}, so comparisons are byte-exact."""
+    return split.cast_column("image", datasets.Image(decode=False)).to_list()
+
+
+def nearest_colours(pixels: np.ndarray) -> np.ndarray:
+    """The palette name nearest to each pixel, as an array of names shaped like the pixel grid."""
+    names = list(synthetic.PALETTE)
+    palette = np.array([synthetic.PALETTE[name] for name in names], dtype=np.float32)
+    distances = np.linalg.norm(pixels[..., None, :].astype(np.float32) - palette, axis=-1)
+    return np.array(names)[distances.argmin(axis=-1)]
+
+
+def colour_at(pixels: np.ndarray, xy: tuple[int, int]) -> str:
+    x, y = xy
+    patch = pixels[y - 1 : y + 2, x - 1 : x + 2].reshape(-1, 3).mean(axis=0)
+    return str(nearest_colours(patch))
+
+
+def decode(jpeg: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+
+
+# ---------------------------------------------------------------- schema
+
+
+def test_splits_and_features_follow_the_flickr30k_schema(small: datasets.DatasetDict) -> None:
+    assert list(small) == ["train", "val", "test"]
+    for split in small.values():
+        assert list(split.features) == COLUMNS
+        assert split.features == synthetic.FEATURES
+        assert isinstance(split.features["image"], datasets.Image)
+        assert split.features["caption"] == datasets.List(datasets.Value("string"))
+        for name in ("split", "img_id", "filename"):
+            assert split.features[name] == datasets.Value("string")
+    assert {name: len(rows) for name, rows in small.items()} == {"train": 12, "val": 5, "test": 7}
+
+
+def test_rows_have_five_distinct_captions_and_their_split_name(small: datasets.DatasetDict) -> None:
+    for name, split in small.items():
+        assert set(split["split"]) == {name}
+        for captions in split["caption"]:
+            assert len(captions) == 5
+            assert len(set(captions)) == 5
+            assert all(caption.strip() for caption in captions)
+
+
+def test_ids_and_filenames_are_unique_across_splits(small: datasets.DatasetDict) -> None:
+    ids = [i for split in small.values() for i in split["img_id"]]
+    filenames = [f for split in small.values() for f in split["filename"]]
+    assert ids == [str(i) for i in range(len(ids))]
+    assert len(set(filenames)) == len(filenames)
+    assert all(f.startswith("synthetic_") and f.endswith(".jpg") for f in filenames)
+
+
+def test_images_are_rgb_jpegs_of_the_requested_width_and_height(small: datasets.DatasetDict) -> None:
+    for split in small.values():
+        for row in raw(split):
+            assert row["image"]["bytes"][:2] == b"\xff\xd8"  # JPEG start-of-image marker
+            assert row["image"]["path"] == row["filename"]
+        for image in split["image"]:
+            assert image.mode == "RGB"
+            assert image.size == (80, 64)
+
+
+def test_empty_splits_are_allowed() -> None:
+    dataset = synthetic.generate(2, 0, 1, image_size=(32, 32))
+    assert len(dataset["val"]) == 0
+    assert list(dataset["val"].features) == COLUMNS
+    assert dataset["test"]["img_id"] == ["2"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"num_train": -1}, "non-negative"), ({"image_size": (8, 64)}, "too small")],
+)
+def test_bad_arguments_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        synthetic.generate(**{"num_train": 1, "num_val": 1, "num_test": 1, **kwargs})
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def test_the_same_seed_gives_identical_bytes_and_captions(small: datasets.DatasetDict) -> None:
+    again = synthetic.generate(**SMALL)
+    for name in small:
+        assert raw(again[name]) == raw(small[name])
+
+
+def test_a_different_seed_gives_different_data(small: datasets.DatasetDict) -> None:
+    other = synthetic.generate(**{**SMALL, "seed": 4})
+    for name in small:
+        assert [r["image"]["bytes"] for r in raw(other[name])] != [r["image"]["bytes"] for r in raw(small[name])]
+        assert other[name]["caption"] != small[name]["caption"]
+
+
+def test_held_out_splits_do_not_depend_on_the_training_size() -> None:
+    fewer = synthetic.generate(3, 2, 4, image_size=(32, 32))
+    more = synthetic.generate(6, 2, 4, image_size=(32, 32))
+    for name in ("val", "test"):
+        assert [r["image"]["bytes"] for r in raw(fewer[name])] == [r["image"]["bytes"] for r in raw(more[name])]
+        assert fewer[name]["caption"] == more[name]["caption"]
+
+
+# ---------------------------------------------------------------- captions match the pixels
+
+
+def test_generate_rows_are_the_examples_that_tests_inspect() -> None:
+    examples = synthetic._generate_examples(**SMALL)
+    dataset = synthetic.generate(**SMALL)
+    for name, split in dataset.items():
+        rows = raw(split)
+        assert [r["image"]["bytes"] for r in rows] == [ex.jpeg for ex in examples[name]]
+        assert [r["caption"] for r in rows] == [list(ex.captions) for ex in examples[name]]
+
+
+def test_every_caption_names_every_attribute(test_examples: list[synthetic._Example]) -> None:
+    for ex in test_examples:
+        for caption in ex.captions:
+            text = caption.lower()
+            assert ex.scene.colour in text and ex.scene.background in text, caption
+            assert any(word in text for word in synthetic._SIZE_WORDS[ex.scene.size]), caption
+            assert any(word in text for word in synthetic._SHAPE_WORDS[ex.scene.shape]), caption
+            assert any(phrase in text for phrase in synthetic._POSITION_WORDS[ex.scene.position]), caption
+
+
+def test_captions_do_not_use_words_of_other_attribute_values(test_examples: list[synthetic._Example]) -> None:
+    """A caption must not also contain a synonym of a different size, since 'small' vs 'large' is the signal."""
+    for ex in test_examples:
+        other_size = "large" if ex.scene.size == "small" else "small"
+        for caption in ex.captions:
+            words = set(caption.lower().replace(",", " ").replace(".", " ").replace(":", " ").split())
+            assert not words & set(synthetic._SIZE_WORDS[other_size]), caption
+
+
+def test_the_named_colours_are_the_drawn_colours(test_examples: list[synthetic._Example]) -> None:
+    for ex in test_examples:
+        pixels = decode(ex.jpeg)
+        assert colour_at(pixels, synthetic._object_probe(ex.scene, ex.layout)) == ex.scene.colour, ex.scene
+        assert colour_at(pixels, synthetic._background_probe(ex.layout, (96, 96))) == ex.scene.background, ex.scene
+
+
+def test_a_ring_has_a_hole_and_other_shapes_do_not(test_examples: list[synthetic._Example]) -> None:
+    for ex in test_examples:
+        centre = colour_at(decode(ex.jpeg), (round(ex.layout.cx), round(ex.layout.cy)))
+        expected = ex.scene.background if ex.scene.shape == "ring" else ex.scene.colour
+        assert centre == expected, ex.scene
+
+
+def test_the_named_position_is_where_the_object_is(test_examples: list[synthetic._Example]) -> None:
+    low, high = 0.42, 0.58
+    for ex in test_examples:
+        ys, xs = np.nonzero(nearest_colours(decode(ex.jpeg)) == ex.scene.colour)
+        x, y = xs.mean() / 96, ys.mean() / 96
+        middle_x, middle_y = low < x < high, low < y < high
+        expected = {
+            "left": x < low and middle_y,
+            "right": x > high and middle_y,
+            "top": y < low and middle_x,
+            "bottom": y > high and middle_x,
+            "centre": middle_x and middle_y,
+        }
+        assert expected[ex.scene.position], (ex.scene, x, y)
+
+
+def test_every_small_shape_is_smaller_than_every_large_one_of_its_kind(
+    test_examples: list[synthetic._Example],
+) -> None:
+    areas: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for ex in test_examples:
+        area = int((nearest_colours(decode(ex.jpeg)) == ex.scene.colour).sum())
+        areas[ex.scene.shape, ex.scene.size].append(area)
+    for shape in synthetic.SHAPES:
+        small, large = areas[shape, "small"], areas[shape, "large"]
+        assert small and large, f"the split should hold small and large {shape}s"
+        assert max(small) * 1.3 < min(large), (shape, small, large)
+
+
+# ---------------------------------------------------------------- distinct descriptions
+
+
+def test_a_split_of_100_has_100_distinct_descriptions(test_examples: list[synthetic._Example]) -> None:
+    assert len({ex.scene for ex in test_examples}) == 100
+
+
+def test_scenes_repeat_only_after_every_combination_was_used() -> None:
+    pool = synthetic.all_scenes()
+    scenes = synthetic._sample_scenes(len(pool) + 10, np.random.default_rng(0))
+    assert set(scenes[: len(pool)]) == set(pool)
+    assert len(set(scenes[: len(pool)])) == len(pool)
+
+
+def test_every_combination_has_a_contrasting_background() -> None:
+    pool = synthetic.all_scenes()
+    assert len(pool) == len(set(pool)) > 1000
+    for scene in pool:
+        fg, bg = (np.array(synthetic.PALETTE[name]) for name in (scene.colour, scene.background))
+        assert np.linalg.norm(fg - bg) > 140, scene
+
+
+# ---------------------------------------------------------------- saving and the CLI
+
+
+def test_save_to_disk_round_trips(small: datasets.DatasetDict, tmp_path: Path) -> None:
+    out = synthetic.save(small, tmp_path / "disk", fmt="disk")
+    assert out == tmp_path / "disk"
+    loaded = datasets.load_from_disk(str(out))
+    assert list(loaded) == list(small)
+    for name in small:
+        assert loaded[name].features == small[name].features
+        assert raw(loaded[name]) == raw(small[name])
+
+
+def test_save_to_parquet_round_trips(small: datasets.DatasetDict, tmp_path: Path) -> None:
+    out = synthetic.save(small, tmp_path / "pq", fmt="parquet")
+    assert sorted(p.name for p in out.iterdir()) == ["test.parquet", "train.parquet", "val.parquet"]
+    files = {name: str(out / f"{name}.parquet") for name in small}
+    loaded = datasets.load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "cache"))
+    for name in small:
+        assert loaded[name].features == small[name].features
+        assert raw(loaded[name]) == raw(small[name])
+
+
+def test_save_refuses_an_unknown_format(small: datasets.DatasetDict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown format"):
+        synthetic.save(small, tmp_path, fmt="csv")  # type: ignore[arg-type]
+
+
+def test_cli_writes_parquet_and_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    args = ["--out", str(out), "--train", "4", "--val", "2", "--test", "3", "--width", "40", "--height", "32"]
+    result = subprocess.run(
+        [sys.executable, "-m", "crossmodal.synthetic", *args, "--seed", "5", "--format", "parquet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    assert "train=4" in lines[0] and "val=2" in lines[0] and "test=3" in lines[0] and str(out) in lines[0]
+    expected = synthetic.generate(4, 2, 3, image_size=(40, 32), seed=5)
+    for name in expected:
+        written = datasets.Dataset.from_parquet(str(out / f"{name}.parquet"), cache_dir=str(tmp_path / "cache"))
+        assert raw(written) == raw(expected[name])
+
+
+def test_main_saves_to_disk_by_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    synthetic.main(["--out", str(tmp_path / "d"), "--train", "2", "--val", "1", "--test", "1", "--width", "32"])
+    assert "train=2" in capsys.readouterr().out
+    loaded = datasets.load_from_disk(str(tmp_path / "d"))
+    assert {name: len(rows) for name, rows in loaded.items()} == {"train": 2, "val": 1, "test": 1}
+    assert loaded["train"][0]["image"].size == (32, 96)

@@ -1,0 +1,166 @@
+"""The training loop: resume, checkpoints cut short, non-finite losses, SIGTERM, the real architecture, 2 processes."""
+
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from crossmodal import checkpoint
+from crossmodal import train as train_module
+from crossmodal.config import PRESETS
+from crossmodal.data import DataSource
+from crossmodal.train import TrainingAborted, make_accelerator, train
+from tests.conftest import ROOT, SUBPROCESS_ENV, accelerate_command, run_cli
+
+TINY = PRESETS["tiny"]
+# 256 training images / 32 = 8 steps an epoch; no loader workers: in-process tests stay light.
+FAST = dataclasses.replace(TINY.train, epochs=2, batch_size=32, checkpoint_every=3, num_workers=0, log_every=1)
+
+
+def run(tmp_path, dataset, train_config=FAST, model_config=TINY.model, **kwargs):
+    accelerator = make_accelerator(train_config, tmp_path)
+    return train(accelerator, model_config, train_config, DataSource(str(dataset)), tmp_path, **kwargs)
+
+
+def weights(path):
+    return load_file(path / "model.safetensors")
+
+
+def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path, small_dataset):
+    straight = run(tmp_path / "straight", small_dataset)
+    assert straight.state.global_step == 16
+
+    interrupted = tmp_path / "interrupted"
+    run(interrupted, small_dataset, max_steps=5)  # stops mid-epoch 1; the last checkpoint is step 3
+    saved = checkpoint.complete_checkpoints(interrupted / "checkpoints")
+    assert [path.name for path in saved] == ["step-00000003"]
+    # Two decoys that resume must ignore: a newer folder cut short, and an unfinished temporary folder.
+    cut_short = interrupted / "checkpoints" / "step-00000004"
+    shutil.copytree(saved[0], cut_short)
+    (cut_short / "model.safetensors").write_bytes((cut_short / "model.safetensors").read_bytes()[:1000])
+    shutil.copytree(saved[0], interrupted / "checkpoints" / ".tmp-step-00000005")
+    assert checkpoint.resolve_resume("latest", interrupted / "checkpoints") == saved[0]
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        checkpoint.resolve_resume(str(cut_short), interrupted / "checkpoints")
+
+    resumed = run(interrupted, small_dataset, resume="latest")
+    assert resumed.state.global_step == 16
+    assert [entry["val"] for entry in resumed.state.history] == [entry["val"] for entry in straight.state.history]
+    final = "step-00000016"
+    expected, actual = (
+        weights(tmp_path / "straight" / "checkpoints" / final),
+        weights(interrupted / "checkpoints" / final),
+    )
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    assert resumed.metrics == straight.metrics
+
+
+def test_a_nan_loss_skips_the_step(tmp_path, small_dataset, monkeypatch):
+    calls = {"count": 0}
+    real_loss = train_module.clip_loss
+
+    def nan_on_third_call(*args):
+        calls["count"] += 1
+        loss = real_loss(*args)
+        return loss * float("nan") if calls["count"] == 3 else loss
+
+    monkeypatch.setattr(train_module, "clip_loss", nan_on_third_call)
+    result = run(tmp_path, small_dataset, train_config=dataclasses.replace(FAST, epochs=1))
+    assert result.state.skipped_steps == 1
+    assert result.state.global_step == 7  # 8 batches, one skipped
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert all(math.isfinite(loss) for _, loss in result.state.loss_log)
+
+
+def test_repeated_nan_losses_abort_with_the_last_good_checkpoint_intact(tmp_path, small_dataset, monkeypatch):
+    calls = {"count": 0}
+    real_loss = train_module.clip_loss
+
+    def nan_after_two(*args):
+        calls["count"] += 1
+        loss = real_loss(*args)
+        return loss * float("nan") if calls["count"] > 2 else loss
+
+    monkeypatch.setattr(train_module, "clip_loss", nan_after_two)
+    config = dataclasses.replace(FAST, checkpoint_every=1, max_bad_steps=3)
+    with pytest.raises(TrainingAborted, match=r"3 non-finite losses in a row.*step-00000002"):
+        run(tmp_path, small_dataset, train_config=config)
+    last = checkpoint.complete_checkpoints(tmp_path / "checkpoints")[-1]
+    assert last.name == "step-00000002"
+    assert all(torch.isfinite(tensor).all() for tensor in weights(last).values())
+
+
+def test_sigterm_writes_a_checkpoint_and_exits(tmp_path, small_dataset):
+    output = tmp_path / "run"
+    command = [
+        sys.executable, "train_accelerate.py", "--preset", "tiny", "--dataset", str(small_dataset),
+        "--output-dir", str(output), "--epochs", "50", "--batch-size", "32", "--num-workers", "0",
+        "--checkpoint-every", "100000",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (output / "tokenizer" / "tokenizer.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # into the training steps
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr.decode()[-3000:]
+    assert b"rerun with --resume latest" in stdout + stderr
+    newest = checkpoint.complete_checkpoints(output / "checkpoints")[-1]
+    run_state = json.loads((newest / "state.json").read_text())["run"]
+    assert run_state["batches_done"] > 0  # written mid-epoch, at the step after the signal
+    assert not (output / "artifacts").exists()  # an interrupted run publishes nothing
+
+
+def test_default_flickr30k_architecture_trains_one_step_on_cpu(tmp_path, small_dataset):
+    """EfficientNet-B0 + MiniLM-L12 built from config (no download), embed dim 512: one real step."""
+    model_config = dataclasses.replace(PRESETS["flickr30k"].model, init="random", embed_dim=512)
+    train_config = dataclasses.replace(
+        PRESETS["flickr30k"].train, batch_size=4, num_workers=0, eval_batch_size=16, log_every=1
+    )
+    result = run(tmp_path, small_dataset, train_config=train_config, model_config=model_config, max_steps=1)
+    assert result.state.global_step == 1
+    assert math.isfinite(result.state.loss_log[0][1])
+    model = result.model
+    assert model.config.embed_dim == 512 and model.image_projection.in_features == 1280
+    assert model.text_tower.config.hidden_size == 384 and model.text_tower.config.num_hidden_layers == 12
+    assert 3.9e6 < sum(p.numel() for p in model.image_tower.parameters()) < 4.1e6  # EfficientNet-B0 trunk: 4.0M
+    encoder_parameters = sum(p.numel() for p in model.text_tower.encoder.parameters())
+    assert 21.2e6 < encoder_parameters < 21.4e6  # MiniLM-L12's 12 layers; its vocabulary was fit on our captions
+    model.train()
+    batch_norms = [m for m in model.image_tower.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert batch_norms and not any(m.training for m in batch_norms)  # statistics frozen
+    assert set(result.metrics["test"]) >= {"i2t_R@1", "t2i_R@10", "rsum"}
+
+
+def test_two_processes_train_like_one(tmp_path, small_dataset):
+    """Same global batches, same gradients: 2 CPU processes end with the weights of 1 process."""
+    results = {}
+    for processes in (1, 2):
+        output = tmp_path / f"p{processes}"
+        run_cli(
+            *accelerate_command(processes), "train_accelerate.py", "--preset", "tiny", "--dataset", small_dataset,
+            "--output-dir", output, "--epochs", "1", "--batch-size", "32", "--num-workers", "0", "--max-steps", "4",
+            env={**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "true"},
+        )  # fmt: skip
+        results[processes] = (
+            weights(output / "artifacts"),
+            json.loads((output / "artifacts/metrics.json").read_text()),
+        )
+    (one, one_metrics), (two, two_metrics) = results[1], results[2]
+    assert one.keys() == two.keys()
+    for name in one:
+        # Gradients agree to float32 rounding (test_loss); Adam divides by sqrt(v), which magnifies that rounding
+        # for tiny gradients, so allow a fifth of one full step (lr 5e-4) rather than bit equality.
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4, msg=name)
+    assert one_metrics == two_metrics

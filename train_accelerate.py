@@ -1,0 +1,134 @@
+"""Train the crossmodal dual encoder and write its artifact folder.
+
+    accelerate launch train_accelerate.py --preset flickr30k --output-dir runs/flickr30k
+    python train_accelerate.py --preset tiny --dataset data/synthetic --output-dir runs/tiny
+
+The artifact folder (DESIGN 4.3) lands in OUTPUT_DIR/artifacts; checkpoints in OUTPUT_DIR/checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from crossmodal.artifacts import Corpus, write_artifacts
+from crossmodal.config import DEFAULT_DATASET, IMAGE_TOWERS, PRESETS
+from crossmodal.data import BadDataError, DataSource, DataUnavailableError, SchemaError
+from crossmodal.indexing import encode_captions, encode_images
+from crossmodal.train import TrainingAborted, TrainingInterrupted, format_metrics, make_accelerator, train
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset", default=DEFAULT_DATASET, help="Hub dataset id, save_to_disk folder or Parquet folder"
+    )
+    data.add_argument("--dataset-revision", default=None, help="Hub revision (branch, tag or commit sha) to pin")
+    data.add_argument("--image-column", default="image", help="column holding the images")
+    data.add_argument("--caption-column", default="caption", help="column holding each image's list of captions")
+    data.add_argument("--val-split", default=None, help="name of the validation split (default: val or validation)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--preset", choices=sorted(PRESETS), default="flickr30k")
+    run.add_argument("--output-dir", type=Path, required=True)
+    run.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    run.add_argument(
+        "--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config"
+    )
+    run.add_argument("--report-to", default=None, help="an Accelerate tracker: tensorboard, wandb, ...")
+    run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests)")
+    recipe = parser.add_argument_group("recipe overrides (default: the preset's)")
+    recipe.add_argument("--epochs", type=int)
+    recipe.add_argument("--batch-size", type=int, help="global batch: the in-batch negatives of one step")
+    recipe.add_argument("--lr", type=float)
+    recipe.add_argument("--seed", type=int)
+    recipe.add_argument("--grad-accum-steps", type=int)
+    recipe.add_argument("--num-workers", type=int)
+    recipe.add_argument("--checkpoint-every", type=int)
+    model = parser.add_argument_group("model overrides (default: the preset's)")
+    model.add_argument("--image-tower", choices=IMAGE_TOWERS)
+    model.add_argument("--text-tower", help="a transformers encoder: Hub id or local folder")
+    model.add_argument("--embed-dim", type=int)
+    model.add_argument("--init", choices=["pretrained", "random"], help="random: towers from config, no download")
+    return parser.parse_args(argv)
+
+
+def overrides(args: argparse.Namespace, names: list[str]) -> dict:
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    # 1. Configuration: the preset, then whatever the command line overrides.
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    model_config = dataclasses.replace(
+        preset.model, **overrides(args, ["image_tower", "text_tower", "embed_dim", "init"])
+    )
+    train_config = dataclasses.replace(
+        preset.train,
+        **overrides(
+            args, ["epochs", "batch_size", "lr", "seed", "grad_accum_steps", "num_workers", "checkpoint_every"]
+        ),
+    )
+    source = DataSource(args.dataset, args.dataset_revision, args.image_column, args.caption_column, args.val_split)
+    accelerator = make_accelerator(train_config, args.output_dir, args.mixed_precision, args.report_to)
+
+    # 2. Train; the best epoch's weights come back, already evaluated on the test split.
+    try:
+        result = train(
+            accelerator,
+            model_config,
+            train_config,
+            source,
+            args.output_dir,
+            resume=args.resume,
+            max_steps=args.max_steps,
+        )
+    except (SchemaError, BadDataError, DataUnavailableError) as error:
+        accelerator.print(f"error: {error}")
+        return 2
+    except TrainingAborted as error:
+        accelerator.print(f"error: {error}")
+        return 1
+    except TrainingInterrupted as error:
+        accelerator.print(str(error))
+        return 143  # 128 + SIGTERM, as if the signal had ended us, but with a checkpoint on disk
+
+    # 3. Embed every image and caption of the dataset for search.
+    corpus = Corpus.from_splits(result.splits)
+    batch_size = train_config.eval_batch_size
+    image_embeddings = encode_images(accelerator, result.model, corpus.rows, batch_size, train_config.num_workers)
+    text_embeddings = encode_captions(accelerator, result.model, result.tokenizer, corpus.captions, batch_size)
+
+    # 4. The artifact folder, written once by the main process.
+    if accelerator.is_main_process:
+        folder = write_artifacts(
+            args.output_dir / "artifacts",
+            model=result.model.to(torch.device("cpu")),
+            tokenizer=result.tokenizer,
+            train_config=train_config,
+            corpus=corpus,
+            image_embeddings=image_embeddings,
+            text_embeddings=text_embeddings,
+            metrics=result.metrics,
+            history=result.state.history,
+            loss_log=result.state.loss_log,
+            dataset={
+                "id": args.dataset,
+                "revision": args.dataset_revision,
+                "local": Path(args.dataset).exists(),
+                "test_images": len(result.splits["test"]),
+            },
+        )
+        print(f"test: {format_metrics(result.metrics['test'])}")
+        print(f"artifacts: {folder}")
+    accelerator.end_training()  # closes trackers and the process group: nothing distributed after this
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,7 @@ from crossmodal import train as train_module
 from crossmodal.config import PRESETS
 from crossmodal.data import DataSource
 from crossmodal.train import TrainingAborted, make_accelerator, train
-from tests.conftest import ROOT, SUBPROCESS_ENV, accelerate_command, run_cli
+from tests.conftest import ROOT, SUBPROCESS_ENV, accelerate_command, corrupt_images, run_cli
 
 TINY = PRESETS["tiny"]
 # 256 training images / 32 = 8 steps an epoch; no loader workers: in-process tests stay light.
@@ -164,3 +164,27 @@ def test_two_processes_train_like_one(tmp_path, small_dataset):
         # for tiny gradients, so allow a fifth of one full step (lr 5e-4) rather than bit equality.
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4, msg=name)
     assert one_metrics == two_metrics
+
+
+def test_a_dataset_with_one_percent_broken_images_trains_and_reports_them(tmp_path, full_dataset):
+    corrupt_images(full_dataset, tmp_path / "data", fraction=0.01)
+    result = run_cli(
+        sys.executable, "train_accelerate.py", "--preset", "tiny", "--dataset", tmp_path / "data",
+        "--output-dir", tmp_path / "run", "--max-steps", "2", "--num-workers", "0",
+    )  # fmt: skip
+    assert "train: 10/1000 skipped; val: 1/100 skipped; test: 1/100 skipped" in result.stdout
+    assert "corrupt or truncated" in result.stdout
+    manifest = json.loads((tmp_path / "run" / "artifacts" / "manifest.json").read_text())
+    assert manifest["counts"]["images_per_split"] == {"train": 990, "val": 99, "test": 99}
+
+
+def test_a_dataset_with_five_percent_broken_images_is_refused(tmp_path, full_dataset):
+    corrupt_images(full_dataset, tmp_path / "data", fraction=0.05)
+    command = [sys.executable, "train_accelerate.py", "--preset", "tiny", "--dataset", str(tmp_path / "data")]
+    result = subprocess.run(
+        [*command, "--output-dir", str(tmp_path / "run")], cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "50 of 1000 rows of the train split (5.0%) are unusable, more than the 1% tolerated" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

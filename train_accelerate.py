@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 "revision": args.dataset_revision,
                 "local": Path(args.dataset).exists(),
                 "test_images": len(result.splits["test"]),
+                "num_images": len(corpus.rows),
+                "num_captions": len(corpus.captions),
             },
         )
         print(f"test: {format_metrics(result.metrics['test'])}")

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_weights
-from safetensors.torch import save_file, save_model
 from tqdm.auto import tqdm
 
 from crossmodal.config import ModelConfig, TrainConfig
@@ -33,6 +33,7 @@ from crossmodal.images import decode_image
 from crossmodal.model import DualEncoder, build_model
 from crossmodal.model_card import render_model_card
 from crossmodal.plots import plot_similarity, plot_training
+from crossmodal.preprocess import image_batch, tokenize
 from crossmodal.tokenizer import load_tokenizer
 
 FORMAT_VERSION = 1
@@ -47,7 +48,14 @@ CONTRACT_FILES = (
     "manifest.json",
     "README.md",
 )
+ALLOW_PATTERNS = [*CONTRACT_FILES, "tokenizer/*", "plots/*"]  # what a Hub pull fetches: the contract, nothing else
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".pth.tar")
 HEATMAP_PAIRS = 32
+GOLDEN_IMAGES = 4
+GOLDEN_CAPTIONS = 4
+GOLDEN_MIN_COSINE = 0.99  # serving path vs training-time path on the same bytes: equal up to float noise
+GOLDEN_INDEX_TOLERANCE = 0.02  # recorded thumbnail-to-index cosine must be reproduced this closely
+UNIT_NORM_TOLERANCE = 1e-3
 
 
 class ArtifactError(RuntimeError):
@@ -80,7 +88,7 @@ def _thumbnail(value: dict, size: int) -> bytes:
     return buffer.getvalue()
 
 
-def _write_tables(corpus: Corpus, folder: Path, thumbnail_size: int) -> None:
+def _write_tables(corpus: Corpus, folder: Path, thumbnail_size: int) -> list[bytes]:
     images = corpus.rows.select_columns(["image"])
     with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while decoding and encoding
         thumbnails = list(
@@ -104,6 +112,7 @@ def _write_tables(corpus: Corpus, folder: Path, thumbnail_size: int) -> None:
         {"caption": pa.array(corpus.captions, pa.string()), "image_index": pa.array(corpus.caption_image, pa.int32())}
     )
     pq.write_table(caption_table_, folder / "captions.parquet")
+    return thumbnails
 
 
 def _write_plots(folder: Path, history, loss_log, corpus: Corpus, image_emb: torch.Tensor, text_emb: torch.Tensor):
@@ -128,7 +137,37 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _manifest(folder: Path, corpus: Corpus, dataset: dict[str, str | None], model: DualEncoder) -> dict[str, Any]:
+def _golden_rows(num_images: int) -> list[int]:
+    """A few images spread over the index (all splits) for the load-time self-test."""
+    count = min(GOLDEN_IMAGES, num_images)
+    return sorted({round(i * (num_images - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+def _encode_thumbnails(model: DualEncoder, thumbnails: list[bytes]) -> torch.Tensor:
+    """The serving path: decode the stored thumbnail, eval preprocessing, image encoder."""
+    model.eval()
+    with torch.inference_mode():
+        batch = image_batch([decode_image(data) for data in thumbnails], model.config)
+        return model.encode_image(batch.to(next(model.parameters()).device)).float().cpu()
+
+
+def _golden_record(model: DualEncoder, thumbnails: list[bytes], image_embeddings: torch.Tensor) -> dict[str, Any]:
+    """What the self-test re-derives at load: thumbnail embeddings, and how close each is to its indexed embedding.
+
+    Thumbnails are smaller than the originals, so the second number is below 1 and recorded rather than assumed.
+    """
+    rows = _golden_rows(len(thumbnails))
+    embeddings = _encode_thumbnails(model, [thumbnails[row] for row in rows])
+    return {
+        "image_rows": rows,
+        "thumbnail_embeddings": embeddings.tolist(),
+        "cosine_to_index": (embeddings * image_embeddings[rows].float()).sum(dim=1).tolist(),
+    }
+
+
+def _manifest(
+    folder: Path, corpus: Corpus, dataset: dict[str, str | None], model: DualEncoder, golden: dict[str, Any]
+) -> dict[str, Any]:
     files = {
         path.relative_to(folder).as_posix(): {"sha256": sha256_of(path), "size": path.stat().st_size}
         for path in sorted(folder.rglob("*"))
@@ -151,6 +190,7 @@ def _manifest(folder: Path, corpus: Corpus, dataset: dict[str, str | None], mode
             "parameters": sum(p.numel() for p in model.parameters()),
         },
         "dataset": dataset,
+        "golden": golden,
         "versions": {
             "python": platform.python_version(),
             **{name: version(name) for name in ("torch", "torchvision", "transformers", "safetensors", "datasets")},
@@ -187,32 +227,63 @@ def write_artifacts(
     tokenizer.save_pretrained(staging / "tokenizer")
     save_file({"embeddings": image_embeddings.float().contiguous()}, staging / "image_embeddings.safetensors")
     save_file({"embeddings": text_embeddings.float().contiguous()}, staging / "text_embeddings.safetensors")
-    _write_tables(corpus, staging, train_config.thumbnail_size)
+    thumbnails = _write_tables(corpus, staging, train_config.thumbnail_size)
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _write_plots(staging, history, loss_log, corpus, image_embeddings, text_embeddings)
     (staging / "README.md").write_text(render_model_card(model.config, train_config, metrics, dataset))
-    manifest = _manifest(staging, corpus, dataset, model)
+    golden = _golden_record(model, thumbnails, image_embeddings)
+    manifest = _manifest(staging, corpus, dataset, model, golden)
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return folder
 
 
-# --- reading -----------------------------------------------------------------------------------------------------
+# --- reading: fail closed -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedArtifacts:
+    """A verified artifact folder, loaded: nothing in here was taken on trust."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    config: ModelConfig
+    model: DualEncoder
+    tokenizer: Any
+    image_embeddings: torch.Tensor  # [N_images, D]
+    text_embeddings: torch.Tensor  # [N_captions, D]
+    images: pa.Table  # image_id, filename, split, thumbnail
+    captions: pa.Table  # caption, image_index
+    metrics: dict[str, dict[str, float]]
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
+    except (ValueError, KeyError, TypeError) as error:
+        raise ArtifactError(f"{path}: unreadable or truncated ({error})") from error
+    return manifest
 
 
 def verify_files(folder: Path) -> dict[str, Any]:
-    """Check every file against manifest.json (presence, size, sha256); returns the manifest."""
+    """Every file present, at its manifest size and sha256; no pickle-format file anywhere. Returns the manifest."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no artifact folder there")
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        files = manifest["files"]
-    except FileNotFoundError as error:
-        raise ArtifactError(f"{folder / 'manifest.json'}: missing") from error
-    except (ValueError, KeyError, TypeError) as error:
-        raise ArtifactError(f"{folder / 'manifest.json'}: unreadable ({error})") from error
+    pickles = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ArtifactError(
+            f"{folder / pickles[0]}: pickle-format file; artifacts hold safetensors only and nothing is unpickled"
+        )
+    manifest = _read_manifest(folder)
+    files = manifest["files"]
     for name in CONTRACT_FILES:
         if name != "manifest.json" and name not in files:
             raise ArtifactError(f"{folder / 'manifest.json'}: does not list {name}")
@@ -221,15 +292,18 @@ def verify_files(folder: Path) -> dict[str, Any]:
         if not path.is_file():
             raise ArtifactError(f"{path}: missing (listed in manifest.json)")
         if path.stat().st_size != expected["size"]:
-            raise ArtifactError(f"{path}: size {path.stat().st_size} bytes, manifest says {expected['size']}")
+            raise ArtifactError(f"{path}: {path.stat().st_size} bytes, manifest.json says {expected['size']}")
         if sha256_of(path) != expected["sha256"]:
             raise ArtifactError(f"{path}: sha256 differs from manifest.json (the file was changed or corrupted)")
     return manifest
 
 
 def load_model_config(folder: Path) -> ModelConfig:
-    config = json.loads((Path(folder) / "config.json").read_text())
-    return ModelConfig.from_dict(config["model"])
+    path = Path(folder) / "config.json"
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text())["model"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ArtifactError(f"{path}: not a crossmodal model config ({error})") from error
 
 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[DualEncoder, Any]:
@@ -238,10 +312,115 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[DualEn
     config = load_model_config(folder)
     tokenizer = load_tokenizer(str(folder / "tokenizer"))
     model, _ = build_model(config, tokenizer, pretrained=False)
-    missing, unexpected = load_weights(model, str(folder / "model.safetensors"), strict=False, device=str(device))
+    path = folder / "model.safetensors"
+    try:
+        missing, unexpected = load_weights(model, str(path), strict=False, device=str(device))
+    except (RuntimeError, OSError) as error:  # shape mismatches, unreadable header
+        raise ArtifactError(f"{path}: weights do not fit config.json ({error})") from error
     if missing or unexpected:
         raise ArtifactError(
-            f"{folder / 'model.safetensors'}: weights do not match config.json "
+            f"{path}: weights do not match config.json "
             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
         )
     return model.to(device).eval(), tokenizer
+
+
+def _load_embeddings(folder: Path, name: str, manifest: dict[str, Any], rows: int, width: int) -> torch.Tensor:
+    path = folder / name
+    tensors = load_file(path)
+    if set(tensors) != {"embeddings"}:
+        raise ArtifactError(f"{path}: holds tensors {sorted(tensors)}, expected exactly ['embeddings']")
+    embeddings = tensors["embeddings"]
+    expected_shape = manifest.get("tensors", {}).get(name, {}).get("embeddings")
+    if list(embeddings.shape) != expected_shape:
+        raise ArtifactError(f"{path}: shape {list(embeddings.shape)}, manifest.json says {expected_shape}")
+    if embeddings.ndim != 2 or embeddings.shape != (rows, width):
+        raise ArtifactError(f"{path}: shape {list(embeddings.shape)}, expected [{rows}, {width}] (rows of the table)")
+    if not torch.isfinite(embeddings).all():
+        row = int((~torch.isfinite(embeddings)).any(dim=1).nonzero()[0])
+        raise ArtifactError(f"{path}: row {row} is not finite (NaN or inf)")
+    deviation = (embeddings.float().norm(dim=1) - 1).abs()
+    if deviation.max() > UNIT_NORM_TOLERANCE:
+        row = int(deviation.argmax())
+        raise ArtifactError(f"{path}: row {row} has norm {1 + float(deviation[row]):.4f}, expected unit norm")
+    return embeddings.float()
+
+
+def _read_table(path: Path, columns: list[str]) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as error:
+        raise ArtifactError(f"{path}: unreadable Parquet ({error})") from error
+    if table.column_names != columns:
+        raise ArtifactError(f"{path}: columns {table.column_names}, expected {columns}")
+    return table
+
+
+def _self_test(loaded: LoadedArtifacts) -> None:
+    """Re-encode a few stored thumbnails and captions through the serving path; they must give back the index."""
+    golden = loaded.manifest.get("golden")
+    if not golden:
+        raise ArtifactError(f"{loaded.folder / 'manifest.json'}: no golden self-test record")
+    rows = golden["image_rows"]
+    thumbnails = [loaded.images.column("thumbnail")[row].as_py() for row in rows]
+    fresh = _encode_thumbnails(loaded.model, thumbnails)
+    recorded = torch.tensor(golden["thumbnail_embeddings"])
+    for position, row in enumerate(rows):
+        drift = float(fresh[position] @ recorded[position])
+        if drift < GOLDEN_MIN_COSINE:
+            raise ArtifactError(
+                f"{loaded.folder}: golden self-test failed: stored image {row} now embeds at cosine {drift:.4f} to its "
+                f"training-time embedding (expected > {GOLDEN_MIN_COSINE}); preprocessing or weights differ"
+            )
+        to_index = float(fresh[position] @ loaded.image_embeddings[row])
+        if abs(to_index - golden["cosine_to_index"][position]) > GOLDEN_INDEX_TOLERANCE:
+            raise ArtifactError(
+                f"{loaded.folder / 'image_embeddings.safetensors'}: row {row} does not belong to this model (cosine "
+                f"{to_index:.4f} to the model's embedding, {golden['cosine_to_index'][position]:.4f} at training "
+                "time); embeddings from another checkpoint?"
+            )
+    caption_rows = _golden_rows(loaded.captions.num_rows)[:GOLDEN_CAPTIONS]
+    captions = [loaded.captions.column("caption")[row].as_py() for row in caption_rows]
+    with torch.inference_mode():
+        texts = loaded.model.encode_text(**tokenize(loaded.tokenizer, captions, loaded.config)).float()
+    cosines = (texts * loaded.text_embeddings[caption_rows]).sum(dim=1)
+    if cosines.min() < GOLDEN_MIN_COSINE:
+        row = caption_rows[int(cosines.argmin())]
+        raise ArtifactError(
+            f"{loaded.folder / 'text_embeddings.safetensors'}: caption {row} re-encodes at cosine "
+            f"{float(cosines.min()):.4f} to its stored embedding; embeddings from another checkpoint?"
+        )
+
+
+def verify_artifacts(folder: Path) -> LoadedArtifacts:
+    """Load an artifact folder only if every check passes; otherwise raise ArtifactError naming file and values.
+
+    Files against the manifest; weights strictly against config.json; embeddings (keys, shapes, finite, unit norm)
+    against the tables; every caption's image in range; then the golden self-test.
+    """
+    folder = Path(folder)
+    manifest = verify_files(folder)
+    model, tokenizer = load_model(folder)
+    config = model.config
+    images = _read_table(folder / "images.parquet", ["image_id", "filename", "split", "thumbnail"])
+    captions = _read_table(folder / "captions.parquet", ["caption", "image_index"])
+    dim = config.embed_dim
+    image_embeddings = _load_embeddings(folder, "image_embeddings.safetensors", manifest, images.num_rows, dim)
+    text_embeddings = _load_embeddings(folder, "text_embeddings.safetensors", manifest, captions.num_rows, dim)
+    image_index = torch.tensor(captions.column("image_index").to_pylist(), dtype=torch.long)
+    if image_index.numel() and (image_index.min() < 0 or image_index.max() >= images.num_rows):
+        row = int(((image_index < 0) | (image_index >= images.num_rows)).nonzero()[0])
+        raise ArtifactError(
+            f"{folder / 'captions.parquet'}: caption {row} points at image {int(image_index[row])}, "
+            f"but images.parquet has {images.num_rows} rows"
+        )
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        float(metrics["test"]["t2i_R@1"])  # the figure the app's header shows must be there
+    except (ValueError, KeyError, TypeError) as error:
+        raise ArtifactError(f"{folder / 'metrics.json'}: unreadable ({error})") from error
+    loaded = LoadedArtifacts(
+        folder, manifest, config, model, tokenizer, image_embeddings, text_embeddings, images, captions, metrics
+    )
+    _self_test(loaded)
+    return loaded

@@ -14,38 +14,37 @@ import json
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 
-from crossmodal.artifacts import ArtifactError, load_model, verify_files
+from crossmodal.artifacts import ArtifactError, LoadedArtifacts, verify_artifacts
 from crossmodal.data import BadDataError, DataSource, DataUnavailableError, SchemaError, check_rows, load_splits
 from crossmodal.metrics import recall_at_k
 from crossmodal.train import evaluate_rows
 
 
-def metrics_from_embeddings(folder: Path, split: str) -> dict[str, float]:
+def metrics_from_embeddings(artifacts: LoadedArtifacts, split: str) -> dict[str, float]:
     """Recall@K over the stored embeddings of ``split``'s images and their captions."""
-    image_split = pq.read_table(folder / "images.parquet", columns=["split"]).column("split").to_pylist()
-    caption_image = torch.tensor(pq.read_table(folder / "captions.parquet").column("image_index").to_pylist())
-    rows = torch.tensor([index for index, name in enumerate(image_split) if name == split])
+    image_split = artifacts.images.column("split").to_pylist()
+    caption_image = torch.tensor(artifacts.captions.column("image_index").to_pylist())
+    rows = torch.tensor([index for index, name in enumerate(image_split) if name == split], dtype=torch.long)
     if rows.numel() == 0:
-        raise ArtifactError(f"{folder / 'images.parquet'}: no images in split {split!r}")
+        raise ArtifactError(f"{artifacts.folder / 'images.parquet'}: no images in split {split!r}")
     in_split = torch.isin(caption_image, rows)
     new_index = torch.full((len(image_split),), -1, dtype=torch.long)
     new_index[rows] = torch.arange(rows.numel())
-    images = load_file(folder / "image_embeddings.safetensors")["embeddings"][rows]
-    texts = load_file(folder / "text_embeddings.safetensors")["embeddings"][in_split]
-    return recall_at_k(images, texts, new_index[caption_image[in_split]])
+    texts = artifacts.text_embeddings[in_split]
+    return recall_at_k(artifacts.image_embeddings[rows], texts, new_index[caption_image[in_split]])
 
 
-def metrics_from_dataset(folder: Path, source: DataSource, split: str, batch_size: int) -> dict[str, float]:
+def metrics_from_dataset(
+    artifacts: LoadedArtifacts, source: DataSource, split: str, batch_size: int
+) -> dict[str, float]:
     """Recall@K of the artifact's model on ``split`` of a dataset, encoded afresh."""
     accelerator = Accelerator()
-    model, tokenizer = load_model(folder, device=accelerator.device)
+    model = artifacts.model.to(accelerator.device)
     splits, _ = check_rows(load_splits(source), max_bad_fraction=0.01)
-    return evaluate_rows(accelerator, model, tokenizer, splits[split], batch_size)
+    return evaluate_rows(accelerator, model, artifacts.tokenizer, splits[split], batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args(argv)
     try:
-        verify_files(args.artifacts)
+        artifacts = verify_artifacts(args.artifacts)
         if args.dataset is None:
-            metrics = metrics_from_embeddings(args.artifacts, args.split)
+            metrics = metrics_from_embeddings(artifacts, args.split)
         else:
             source = DataSource(args.dataset, args.dataset_revision)
-            metrics = metrics_from_dataset(args.artifacts, source, args.split, args.batch_size)
+            metrics = metrics_from_dataset(artifacts, source, args.split, args.batch_size)
     except (ArtifactError, SchemaError, BadDataError, DataUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -43,10 +43,17 @@ RSUM {rsum:.1f}. Ties count against the model. Training curves and a similarity 
 
 ## Use
 
+With the crossmodal package (this project's repository) installed:
+
 ```python
-from crossmodal.artifacts import load_model
-model, tokenizer = load_model("path/to/this/folder")
+from crossmodal.hub import load_artifacts
+artifacts = load_artifacts("<this repo id>", revision="<commit sha>")  # verified: checksums, shapes, self-test
+model, tokenizer, image_index = artifacts.model, artifacts.tokenizer, artifacts.image_embeddings
 ```
+
+`artifacts.model.encode_text(...)` and `encode_image(...)` return L2-normalised vectors comparable with the
+shipped `image_embeddings.safetensors` ({num_images} images) and `text_embeddings.safetensors` ({num_captions}
+captions); `images.parquet` and `captions.parquet` hold their metadata and thumbnails in the same order.
 
 ## Data and limitations
 
@@ -99,6 +106,8 @@ def render_model_card(
             lr=train.lr,
             tower_ratio=train.tower_lr_ratio,
             test_images=dataset.get("test_images", "?"),
+            num_images=dataset.get("num_images", "?"),
+            num_captions=dataset.get("num_captions", "?"),
             **{key: test.get(key, float("nan")) for key in METRIC_NAMES},
         )
     )

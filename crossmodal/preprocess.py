@@ -53,3 +53,9 @@ def tokenize(tokenizer, captions: list[str], config: ModelConfig) -> dict[str, t
     """Pad to the longest caption in the batch and truncate at ``max_text_length`` word pieces."""
     encoded = tokenizer(captions, padding=True, truncation=True, max_length=config.max_text_length, return_tensors="pt")
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def image_batch(images: list[Image.Image], config: ModelConfig) -> torch.Tensor:
+    """Eval-preprocess decoded images into one batch [B, 3, S, S]: the query path of search and the self-test."""
+    transform = image_transform(config, train=False)
+    return torch.stack([transform(image) for image in images])

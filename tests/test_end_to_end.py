@@ -6,6 +6,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -100,3 +101,14 @@ def test_thumbnails_decode_like_training_images(tiny_run):
     image = decode_image(thumbnail)
     config = load_model(tiny_run)[0].config
     assert image_transform(config, train=False)(image).shape == (3, config.image_size, config.image_size)
+
+
+def test_model_card_parses_and_carries_the_test_metrics(tiny_run):
+    card = ModelCard.load(tiny_run / "README.md")
+    test = json.loads((tiny_run / "metrics.json").read_text())["test"]
+    results = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert results["t2i_r_at_1"] == round(test["t2i_R@1"], 2) and results["rsum"] == round(test["rsum"], 2)
+    assert {result.dataset_split for result in card.data.eval_results} == {"test"}
+    assert card.data.datasets is None  # a local dataset is not linked as if it were on the Hub
+    for section in ("## Results", "load_artifacts", "non-commercial research", "plots/training_curves.png"):
+        assert section in card.text

@@ -65,16 +65,20 @@ def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path, small_dataset):
     assert resumed.metrics == straight.metrics
 
 
-def test_a_nan_loss_skips_the_step(tmp_path, small_dataset, monkeypatch):
-    calls = {"count": 0}
+def poison_loss(monkeypatch, is_nan):
+    """Make the real loss NaN on the calls (1, 2, ...) for which ``is_nan(call)`` holds."""
     real_loss = train_module.clip_loss
+    calls = iter(range(1, 10**6))
 
-    def nan_on_third_call(*args):
-        calls["count"] += 1
-        loss = real_loss(*args)
-        return loss * float("nan") if calls["count"] == 3 else loss
+    def loss(*args):
+        value = real_loss(*args)
+        return value * float("nan") if is_nan(next(calls)) else value
 
-    monkeypatch.setattr(train_module, "clip_loss", nan_on_third_call)
+    monkeypatch.setattr(train_module, "clip_loss", loss)
+
+
+def test_a_nan_loss_skips_the_step(tmp_path, small_dataset, monkeypatch):
+    poison_loss(monkeypatch, lambda call: call == 3)
     result = run(tmp_path, small_dataset, train_config=dataclasses.replace(FAST, epochs=1))
     assert result.state.skipped_steps == 1
     assert result.state.global_step == 7  # 8 batches, one skipped
@@ -83,15 +87,7 @@ def test_a_nan_loss_skips_the_step(tmp_path, small_dataset, monkeypatch):
 
 
 def test_repeated_nan_losses_abort_with_the_last_good_checkpoint_intact(tmp_path, small_dataset, monkeypatch):
-    calls = {"count": 0}
-    real_loss = train_module.clip_loss
-
-    def nan_after_two(*args):
-        calls["count"] += 1
-        loss = real_loss(*args)
-        return loss * float("nan") if calls["count"] > 2 else loss
-
-    monkeypatch.setattr(train_module, "clip_loss", nan_after_two)
+    poison_loss(monkeypatch, lambda call: call > 2)
     config = dataclasses.replace(FAST, checkpoint_every=1, max_bad_steps=3)
     with pytest.raises(TrainingAborted, match=r"3 non-finite losses in a row.*step-00000002"):
         run(tmp_path, small_dataset, train_config=config)

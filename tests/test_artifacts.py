@@ -1,0 +1,154 @@
+"""Verification fails closed: each fault in an artifact folder is refused with its own clear message.
+
+Most faults are planted together with a re-signed manifest (as a buggy writer would produce), so that the check
+under test, not the sha256 check, is what catches them.
+"""
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from crossmodal.artifacts import ArtifactError, LoadedArtifacts, sha256_of, verify_artifacts
+from crossmodal.model import build_model
+
+
+@pytest.fixture
+def artifacts(tiny_run, tmp_path):
+    copy = tmp_path / "artifacts"
+    shutil.copytree(tiny_run, copy)
+    return copy
+
+
+def resign(folder):
+    """Recompute every file's size and sha256 in manifest.json, leaving everything else as it was."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = {
+        path.relative_to(folder).as_posix(): {"sha256": sha256_of(path), "size": path.stat().st_size}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != "manifest.json"
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def refused(folder, message):
+    with pytest.raises(ArtifactError, match=message):
+        verify_artifacts(folder)
+
+
+def test_a_good_folder_loads_with_everything_checked(artifacts):
+    loaded = verify_artifacts(artifacts)
+    assert isinstance(loaded, LoadedArtifacts)
+    assert loaded.image_embeddings.shape == (1200, 128) and loaded.text_embeddings.shape == (6000, 128)
+    assert loaded.images.num_rows == 1200 and loaded.captions.num_rows == 6000
+    assert not loaded.model.training
+    assert len(loaded.manifest["golden"]["image_rows"]) == 4
+
+
+def test_embedding_file_missing_a_row(artifacts):
+    path = artifacts / "image_embeddings.safetensors"
+    save_file({"embeddings": load_file(path)["embeddings"][:-1].contiguous()}, path)
+    resign(artifacts)
+    refused(artifacts, r"image_embeddings\.safetensors: shape \[1199, 128\], manifest\.json says \[1200, 128\]")
+
+
+def test_embeddings_from_another_checkpoint_are_caught_by_the_golden_self_test(artifacts):
+    loaded = verify_artifacts(artifacts)
+    torch.manual_seed(123)
+    other, _ = build_model(loaded.config, loaded.tokenizer, pretrained=False)  # same shapes, other weights
+    from crossmodal.artifacts import _encode_thumbnails
+
+    thumbnails = loaded.images.column("thumbnail").to_pylist()
+    save_file(
+        {"embeddings": _encode_thumbnails(other, thumbnails).contiguous()}, artifacts / "image_embeddings.safetensors"
+    )
+    resign(artifacts)
+    refused(artifacts, r"image_embeddings\.safetensors: row 0 does not belong to this model.*another checkpoint")
+
+
+def test_text_embeddings_from_another_checkpoint(artifacts):
+    path = artifacts / "text_embeddings.safetensors"
+    embeddings = load_file(path)["embeddings"]
+    save_file({"embeddings": embeddings.roll(1, dims=0).contiguous()}, path)  # right shape, wrong rows
+    resign(artifacts)
+    refused(artifacts, r"text_embeddings\.safetensors: caption \d+ re-encodes at cosine 0\.\d+ to its stored embedding")
+
+
+def test_preprocessing_drift_is_caught_by_the_golden_self_test(artifacts):
+    config = json.loads((artifacts / "config.json").read_text())
+    config["model"]["image_mean"] = [0.5, 0.5, 0.5]  # serving would normalise differently from training
+    (artifacts / "config.json").write_text(json.dumps(config))
+    resign(artifacts)
+    refused(artifacts, "golden self-test failed: stored image 0 now embeds at cosine")
+
+
+def test_caption_pointing_past_the_last_image(artifacts):
+    table = pq.read_table(artifacts / "captions.parquet")
+    index = table.column("image_index").to_pylist()
+    index[7] = 1200
+    table = table.set_column(1, "image_index", pa.array(index, pa.int32()))
+    pq.write_table(table, artifacts / "captions.parquet")
+    resign(artifacts)
+    refused(artifacts, r"captions\.parquet: caption 7 points at image 1200, but images\.parquet has 1200 rows")
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda e: e.index_fill_(0, torch.tensor([5]), float("nan")), r"row 5 is not finite"),
+        (lambda e: e[9].mul_(1.5), r"row 9 has norm 1\.5000, expected unit norm"),
+    ],
+    ids=["nan", "not-unit"],
+)
+def test_nan_or_non_unit_embeddings(artifacts, damage, message):
+    path = artifacts / "image_embeddings.safetensors"
+    embeddings = load_file(path)["embeddings"]
+    damage(embeddings)
+    save_file({"embeddings": embeddings}, path)
+    resign(artifacts)
+    refused(artifacts, message)
+
+
+def test_one_flipped_byte_in_the_weights(artifacts):
+    path = artifacts / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    refused(artifacts, r"model\.safetensors: sha256 differs from manifest\.json")
+
+
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_missing_or_extra_weight_key(artifacts, change):
+    path = artifacts / "model.safetensors"
+    weights = load_file(path)
+    if change == "missing":
+        del weights["text_projection.weight"]
+        message = r"missing \['text_projection\.weight'\], unexpected \[\]"
+    else:
+        weights["surprise.weight"] = torch.zeros(2)
+        message = r"missing \[\], unexpected \['surprise\.weight'\]"
+    save_file(weights, path)
+    resign(artifacts)
+    refused(artifacts, message)
+
+
+@pytest.mark.parametrize("name", ["model.bin", "model.pt"])
+def test_pickle_file_in_place_of_safetensors(artifacts, name):
+    (artifacts / "model.safetensors").rename(artifacts / name)
+    refused(artifacts, rf"{name.replace('.', chr(92) + '.')}: pickle-format file; artifacts hold safetensors only")
+
+
+def test_truncated_manifest(artifacts):
+    text = (artifacts / "manifest.json").read_text()
+    (artifacts / "manifest.json").write_text(text[: len(text) // 2])
+    refused(artifacts, r"manifest\.json: unreadable or truncated")
+
+
+def test_missing_file_and_missing_folder(artifacts, tmp_path):
+    (artifacts / "captions.parquet").unlink()
+    refused(artifacts, r"captions\.parquet: missing \(listed in manifest\.json\)")
+    refused(tmp_path / "nowhere", "no artifact folder there")

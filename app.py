@@ -1,0 +1,243 @@
+"""crossmodal Space: text -> image and image -> text search over Flickr30k (DESIGN 4.4).
+
+    python app.py --artifacts runs/tiny/artifacts                       # a local artifact folder
+    CROSSMODAL_ARTIFACTS=owner/name CROSSMODAL_REVISION=<sha> python app.py   # a Hub repo pinned to a commit
+
+The artifacts are verified before the UI starts; if they fail, the app logs why and exits instead of serving a
+half-working page. Public API endpoints: /text_to_image, /image_to_text, /image_to_image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import gradio as gr
+from huggingface_hub import constants
+from PIL import Image
+
+from crossmodal.artifacts import ArtifactError, LoadedArtifacts
+from crossmodal.hub import load_artifacts
+from crossmodal.search import MAX_K, CaptionHit, ImageHit, QueryError, Searcher
+
+logger = logging.getLogger("crossmodal.app")
+
+FLICKR_EXAMPLES = ["Two men in green shirts drinking", "a dog running through the snow", "a child on a red bicycle"]
+DEMO_EXAMPLES = ["a large red circle on the left of a blue background", "a small white star at the top", "a green ring"]
+MAX_UPLOAD = "10mb"
+IMAGE_EXAMPLES = 3
+
+
+def friendly_errors(handler: Callable) -> Callable:
+    """Turn our errors into a gr.Error the person can act on; anything unexpected is logged, never shown raw."""
+
+    @functools.wraps(handler)
+    def wrapped(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except QueryError as error:
+            message = str(error)
+            raise gr.Error(message[:1].upper() + message[1:], print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception:
+            logger.exception("unexpected error in %s", handler.__name__)
+            raise gr.Error("Something went wrong on our side; please try again.", print_exception=False) from None
+
+    return wrapped
+
+
+def upload_bytes(value: dict | None) -> bytes:
+    """The raw bytes of an uploaded image (Gradio has already checked the path is in its upload folder)."""
+    if not value or not value.get("path"):
+        raise QueryError("upload an image first")
+    return Path(value["path"]).read_bytes()
+
+
+class Handlers:
+    """The app's event handlers over one shared, read-only Searcher; per-user data lives in gr.State only."""
+
+    def __init__(self, searcher: Searcher) -> None:
+        self.searcher = searcher
+
+    def _gallery(self, hits: list[ImageHit]) -> list[tuple[Image.Image, str]]:
+        return [
+            (
+                Image.open(io.BytesIO(self.searcher.thumbnail(hit.image_index))),
+                f"#{hit.rank} · {hit.score:.3f} · {hit.captions[0]}",
+            )
+            for hit in hits
+        ]
+
+    def _image_results(self, hits: list[ImageHit]):
+        return self._gallery(hits), [hit.as_json() for hit in hits]
+
+    def text_to_image(self, query: str, k: int):
+        text = self.searcher.text_query(query)
+        hits = self.searcher.text_to_image(text, k)
+        if text.truncated:
+            gr.Warning(f"Long query: only its first {self.searcher.config.max_text_length} word pieces were used.")
+        return self._image_results(hits)
+
+    def image_to_image(self, image: dict | None, k: int):
+        return self._image_results(self.searcher.image_to_image(upload_bytes(image), k))
+
+    def image_to_text(self, image: dict | None, k: int):
+        hits: list[CaptionHit] = self.searcher.image_to_text(upload_bytes(image), k)
+        table = [[hit.rank, round(hit.score, 4), hit.caption, hit.image_id] for hit in hits]
+        return table, [hit.as_json() for hit in hits]
+
+    def remember_selection(self, results: list[dict] | None, event: gr.SelectData) -> str | None:
+        """Which result the person clicked, by image id (stable even if the results change)."""
+        if not results or event.index is None or event.index >= len(results):
+            return None
+        return results[event.index]["image_id"]
+
+    def more_like_this(self, image_id: str | None, k: int):
+        if image_id is None:
+            raise QueryError("click one of the results first, then ask for more like it")
+        return self._image_results(self.searcher.more_like(self.searcher.image_ids.index(image_id), k))
+
+
+def header(artifacts: LoadedArtifacts, source: str) -> str:
+    config, test = artifacts.config, artifacts.metrics["test"]
+    demo = config.image_tower == "tiny-cnn"
+    lines = ["# crossmodal: text ↔ image search"]
+    if demo:
+        lines.append(
+            "**Demo model**: tiny towers trained in about a minute on generated pictures of shapes. "
+            "Describe a shape, its colour, size, position and background."
+        )
+    else:
+        lines.append("Search Flickr30k photos by describing them, or find captions for a picture of your own.")
+    link = source if Path(source).exists() else f"[{source}]({constants.ENDPOINT}/{source})"
+    lines.append(
+        f"Model: `{config.image_tower}` + `{config.text_tower}`, {config.embed_dim}-d, model card: {link}. "
+        f"Index: {len(artifacts.image_embeddings):,} images, {len(artifacts.text_embeddings):,} captions. "
+        f"Test Recall@1/5/10: text→image {test['t2i_R@1']:.1f} / {test['t2i_R@5']:.1f} / {test['t2i_R@10']:.1f}, "
+        f"image→text {test['i2t_R@1']:.1f} / {test['i2t_R@5']:.1f} / {test['i2t_R@10']:.1f}."
+    )
+    return "\n\n".join(lines)
+
+
+def example_images(searcher: Searcher, folder: Path) -> list[str]:
+    """A few stored thumbnails as files, so the image tab has something to click on."""
+    rows = [index for index, split in enumerate(searcher.splits) if split == "test"][:IMAGE_EXAMPLES]
+    paths = []
+    for row in rows:
+        path = folder / f"example_{searcher.image_ids[row]}.jpg"
+        path.write_bytes(searcher.thumbnail(row))
+        paths.append(str(path))
+    return paths
+
+
+def build_app(searcher: Searcher, source: str, examples_folder: Path) -> gr.Blocks:
+    handlers = Handlers(searcher)
+    demo = searcher.config.image_tower == "tiny-cnn"
+    with gr.Blocks(title="crossmodal: text ↔ image search", delete_cache=(3600, 3600)) as app:
+        gr.Markdown(header(searcher.artifacts, source))
+        with gr.Tab("Text → Image"):
+            with gr.Row():
+                query = gr.Textbox(label="Describe a picture", placeholder="a dog running through the snow", scale=5)
+                text_button = gr.Button("Search", variant="primary", scale=1)
+            text_k = gr.Slider(1, MAX_K, value=10, step=1, label="How many results")
+            gr.Examples(DEMO_EXAMPLES if demo else FLICKR_EXAMPLES, inputs=query, label="Try")
+            gallery = gr.Gallery(
+                label="Best matches (rank · similarity · one of its captions)", columns=5, height="auto"
+            )
+            selected = gr.State(None)
+            more_button = gr.Button("More like the selected image")
+            with gr.Accordion("Results as JSON", open=False):
+                gallery_json = gr.JSON(label="results")
+        with gr.Tab("Image → Text"):
+            with gr.Row():
+                image = gr.Image(
+                    label="Your image", type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"]
+                )
+                with gr.Column():
+                    image_k = gr.Slider(1, MAX_K, value=10, step=1, label="How many results")
+                    image_button = gr.Button("Find captions", variant="primary")
+                    gr.Examples(example_images(searcher, examples_folder), inputs=image, label="Try")
+            table = gr.Dataframe(
+                headers=["rank", "score", "caption", "image"], datatype=["number", "number", "str", "str"],
+                interactive=False, wrap=True, label="Captions that describe it best",
+            )  # fmt: skip
+            similar = gr.Gallery(label="Visually similar images", columns=5, height="auto")
+            with gr.Accordion("Results as JSON", open=False):
+                table_json = gr.JSON(label="captions")
+                similar_json = gr.JSON(label="similar images")
+
+        gr.on(
+            [query.submit, text_button.click], friendly_errors(handlers.text_to_image), [query, text_k],
+            [gallery, gallery_json], api_name="text_to_image",
+        )  # fmt: skip
+        gallery.select(handlers.remember_selection, gallery_json, selected, api_visibility="private")
+        more_button.click(
+            friendly_errors(handlers.more_like_this), [selected, text_k], [gallery, gallery_json],
+            api_visibility="private",
+        )  # fmt: skip
+        captions_found = image_button.click(
+            friendly_errors(handlers.image_to_text), [image, image_k], [table, table_json],
+            api_name="image_to_text", preprocess=False,  # our decoder, not Pillow's defaults, reads the upload
+        )  # fmt: skip
+        captions_found.success(
+            friendly_errors(handlers.image_to_image), [image, image_k], [similar, similar_json],
+            api_name="image_to_image", preprocess=False,
+        )  # fmt: skip
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--artifacts", default=os.environ.get("CROSSMODAL_ARTIFACTS"), help="artifact folder or Hub repo id"
+    )
+    parser.add_argument("--revision", default=os.environ.get("CROSSMODAL_REVISION"), help="Hub commit sha to pin")
+    parser.add_argument("--host", default=None, help="default: GRADIO_SERVER_NAME or 127.0.0.1")
+    parser.add_argument("--port", type=int, default=None, help="default: GRADIO_SERVER_PORT or 7860")
+    args = parser.parse_args(argv)
+    if not args.artifacts:
+        parser.error("pass --artifacts PATH_OR_REPO or set CROSSMODAL_ARTIFACTS")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    # 1. Where the artifacts come from.
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    # 2. Verify before serving: a folder that fails is never half-served.
+    try:
+        artifacts = load_artifacts(args.artifacts, args.revision)
+    except (ArtifactError, ValueError) as error:
+        logger.error("refusing to start: %s", error)
+        return 1
+    searcher = Searcher(artifacts)
+    logger.info("serving %s: %d images, %d captions", artifacts.folder, len(searcher.image_ids), len(searcher.captions))
+
+    # 3. Launch with bounded work per request and nothing private reachable over HTTP.
+    with tempfile.TemporaryDirectory(prefix="crossmodal-examples-") as examples_folder:
+        app = build_app(searcher, args.artifacts, Path(examples_folder))
+        app.queue(max_size=64, default_concurrency_limit=2)  # 2 cores: more parallel searches only queue in torch
+        app.launch(
+            server_name=args.host,
+            server_port=args.port,
+            max_file_size=MAX_UPLOAD,
+            enable_monitoring=False,
+            show_error=True,
+            blocked_paths=[str(artifacts.folder.resolve()), constants.HF_HUB_CACHE, str(Path(__file__).resolve())],
+            allowed_paths=[examples_folder],
+            footer_links=["api"],
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

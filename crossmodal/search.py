@@ -1,0 +1,176 @@
+"""The search core: queries in, ranked results out, over verified artifacts loaded once.
+
+Queries take exactly the training-time eval preprocessing (``crossmodal.preprocess``) and the same encoders; ranking
+is one matrix product and ``topk`` over the stored L2-normalised embeddings. Nothing is allocated per request in
+proportion to the corpus except the score vector itself.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import torch
+
+from crossmodal.artifacts import LoadedArtifacts
+from crossmodal.images import ImageDecodeError, decode_image
+from crossmodal.preprocess import image_batch, tokenize
+
+MAX_K = 50
+MAX_QUERY_CHARS = 2000  # far beyond any caption; keeps tokenizing a hostile megabyte of text cheap
+_WHITESPACE = re.compile(r"\s+")
+
+
+class QueryError(ValueError):
+    """A query we cannot answer; the message is meant for the person who typed or uploaded it."""
+
+
+@dataclass(frozen=True)
+class ImageHit:
+    rank: int
+    score: float
+    image_index: int  # row in images.parquet and image_embeddings
+    image_id: str
+    filename: str
+    split: str
+    captions: list[str]
+
+    def as_json(self) -> dict:
+        return {
+            "rank": self.rank,
+            "score": round(self.score, 4),
+            "image_id": self.image_id,
+            "filename": self.filename,
+            "split": self.split,
+            "captions": self.captions,
+        }
+
+
+@dataclass(frozen=True)
+class CaptionHit:
+    rank: int
+    score: float
+    caption_index: int  # row in captions.parquet and text_embeddings
+    caption: str
+    image_index: int
+    image_id: str
+
+    def as_json(self) -> dict:
+        return {
+            "rank": self.rank,
+            "score": round(self.score, 4),
+            "caption": self.caption,
+            "image_id": self.image_id,
+        }
+
+
+@dataclass(frozen=True)
+class TextQuery:
+    text: str  # what was searched, after cleaning
+    truncated: bool  # longer than the model reads: only the first max_text_length word pieces count
+
+
+def clean_text(text: object) -> str:
+    """Printable text only: control and format characters and lone surrogates removed, whitespace collapsed."""
+    if not isinstance(text, str):
+        raise QueryError("the query must be text")
+    text = text[:MAX_QUERY_CHARS]
+    kept = (
+        char
+        for char in text
+        if not ("\ud800" <= char <= "\udfff") and (char.isspace() or unicodedata.category(char)[0] != "C")
+    )
+    return _WHITESPACE.sub(" ", "".join(kept)).strip()
+
+
+def check_k(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | float) or k != int(k) or not 1 <= k <= MAX_K:
+        raise QueryError(f"k must be a whole number from 1 to {MAX_K} (got {k!r})")
+    return int(k)
+
+
+class Searcher:
+    """Built once from verified artifacts; every method is safe to call from several threads at once."""
+
+    def __init__(self, artifacts: LoadedArtifacts) -> None:
+        self.artifacts = artifacts
+        self.config = artifacts.config
+        self.model = artifacts.model.eval()
+        self.tokenizer = artifacts.tokenizer
+        self.image_embeddings = artifacts.image_embeddings.contiguous()  # [N_images, D]
+        self.text_embeddings = artifacts.text_embeddings.contiguous()  # [N_captions, D]
+        images, captions = artifacts.images, artifacts.captions
+        self.image_ids: list[str] = images.column("image_id").to_pylist()
+        self.filenames: list[str] = images.column("filename").to_pylist()
+        self.splits: list[str] = images.column("split").to_pylist()
+        self.thumbnails = images.column("thumbnail")  # Arrow buffer: bytes are copied out only for shown results
+        self.captions: list[str] = captions.column("caption").to_pylist()
+        self.caption_image: list[int] = captions.column("image_index").to_pylist()
+        self.captions_of: list[list[str]] = [[] for _ in self.image_ids]
+        for caption, image in zip(self.captions, self.caption_image, strict=True):
+            self.captions_of[image].append(caption)
+
+    # --- encoding queries -----------------------------------------------------------------------------------------
+
+    def text_query(self, text: object) -> TextQuery:
+        cleaned = clean_text(text)
+        if not cleaned:
+            raise QueryError("type a description to search for, e.g. 'a dog running through the snow'")
+        pieces = len(self.tokenizer(cleaned, truncation=False)["input_ids"])
+        return TextQuery(cleaned, truncated=pieces > self.config.max_text_length)
+
+    @torch.inference_mode()
+    def encode_text(self, query: TextQuery) -> torch.Tensor:
+        return self.model.encode_text(**tokenize(self.tokenizer, [query.text], self.config))[0].float()  # [D]
+
+    @torch.inference_mode()
+    def encode_image(self, data: bytes) -> torch.Tensor:
+        try:
+            image = decode_image(data)
+        except ImageDecodeError as error:
+            raise QueryError(f"this image cannot be used: {error}") from error
+        return self.model.encode_image(image_batch([image], self.config))[0].float()  # [D]
+
+    # --- ranking --------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _top(matrix: torch.Tensor, query: torch.Tensor, k: int, exclude: int | None = None):
+        scores = matrix @ query  # [N]: cosine similarity, both sides unit-norm
+        if exclude is not None:
+            scores[exclude] = float("-inf")  # "more like this" should not return the image itself
+        top = torch.topk(scores, min(k, scores.numel() - (exclude is not None)))
+        return top.values.tolist(), top.indices.tolist()
+
+    def _image_hits(self, scores: list[float], rows: list[int]) -> list[ImageHit]:
+        return [
+            ImageHit(
+                rank, score, row, self.image_ids[row], self.filenames[row], self.splits[row], self.captions_of[row]
+            )
+            for rank, (score, row) in enumerate(zip(scores, rows, strict=True), start=1)
+        ]
+
+    def text_to_image(self, query: TextQuery, k: int) -> list[ImageHit]:
+        return self._image_hits(*self._top(self.image_embeddings, self.encode_text(query), check_k(k)))
+
+    def image_to_image(self, data: bytes, k: int) -> list[ImageHit]:
+        return self._image_hits(*self._top(self.image_embeddings, self.encode_image(data), check_k(k)))
+
+    def more_like(self, image_index: int, k: int) -> list[ImageHit]:
+        """Images nearest to a stored image, from its stored embedding (no re-encoding), itself excluded."""
+        if not 0 <= image_index < len(self.image_ids):
+            raise QueryError("pick one of the results first")
+        query = self.image_embeddings[image_index]
+        return self._image_hits(*self._top(self.image_embeddings, query, check_k(k), exclude=image_index))
+
+    def image_to_text(self, data: bytes, k: int) -> list[CaptionHit]:
+        scores, rows = self._top(self.text_embeddings, self.encode_image(data), check_k(k))
+        return [
+            CaptionHit(
+                rank, score, row, self.captions[row], self.caption_image[row], self.image_ids[self.caption_image[row]]
+            )
+            for rank, (score, row) in enumerate(zip(scores, rows, strict=True), start=1)
+        ]
+
+    def thumbnail(self, image_index: int) -> bytes:
+        return self.thumbnails[image_index].as_py()

@@ -16,6 +16,7 @@ import datasets
 import pytest
 
 from crossmodal import synthetic
+from tests.live_server import Server, free_port, start_app  # noqa: F401 - re-exported for the tests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,3 +102,12 @@ def corrupt_images(source: Path, destination: Path, fraction: float) -> int:
     raw = splits.cast_column("image", datasets.Image(decode=False))
     raw.map(damage, with_indices=True).cast_column("image", datasets.Image()).save_to_disk(str(destination))
     return broken
+
+
+@pytest.fixture(scope="session")
+def app_server(tiny_run, tmp_path_factory):
+    """The real Gradio server over the tiny run's artifacts, shared by the app, hardening and browser tests."""
+    server = start_app(tiny_run, tmp_path_factory.mktemp("app") / "server.log", env=SUBPROCESS_ENV)
+    yield server
+    server.process.terminate()
+    server.process.wait(timeout=30)

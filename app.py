@@ -11,26 +11,25 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import logging
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
-from huggingface_hub import constants
-from PIL import Image
+from huggingface_hub import ModelCard, constants
 
 from crossmodal.artifacts import ArtifactError, LoadedArtifacts
+from crossmodal.config import ModelConfig
 from crossmodal.hub import load_artifacts
 from crossmodal.search import MAX_K, CaptionHit, ImageHit, QueryError, Searcher
 
 logger = logging.getLogger("crossmodal.app")
 
 FLICKR_EXAMPLES = ["Two men in green shirts drinking", "a dog running through the snow", "a child on a red bicycle"]
-DEMO_EXAMPLES = ["a large red circle on the left of a blue background", "a small white star at the top", "a green ring"]
 MAX_UPLOAD = "10mb"
 IMAGE_EXAMPLES = 3
 
@@ -64,16 +63,26 @@ def upload_bytes(value: dict | None) -> bytes:
 class Handlers:
     """The app's event handlers over one shared, read-only Searcher; per-user data lives in gr.State only."""
 
-    def __init__(self, searcher: Searcher) -> None:
+    def __init__(self, searcher: Searcher, media: Path) -> None:
         self.searcher = searcher
+        self.media = media  # thumbnails served to the browser, each written once
 
-    def _gallery(self, hits: list[ImageHit]) -> list[tuple[Image.Image, str]]:
+    def thumbnail_file(self, row: int) -> str:
+        """A stored thumbnail as a file Gradio can serve, written once and atomically.
+
+        Handing Gradio PIL images instead makes it re-encode each one into the same cache file on every request, and
+        two requests showing the same picture then race: a browser can fetch a half-written image.
+        """
+        path = self.media / f"thumbnail_{row}.jpg"
+        if not path.exists():
+            partial = path.with_suffix(f".{threading.get_ident()}.tmp")
+            partial.write_bytes(self.searcher.thumbnail(row))
+            os.replace(partial, path)
+        return str(path)
+
+    def _gallery(self, hits: list[ImageHit]) -> list[tuple[str, str]]:
         return [
-            (
-                Image.open(io.BytesIO(self.searcher.thumbnail(hit.image_index))),
-                f"#{hit.rank} · {hit.score:.3f} · {hit.captions[0]}",
-            )
-            for hit in hits
+            (self.thumbnail_file(hit.image_index), f"#{hit.rank} · {hit.score:.3f} · {hit.captions[0]}") for hit in hits
         ]
 
     def _image_results(self, hits: list[ImageHit]):
@@ -94,6 +103,13 @@ class Handlers:
         table = [[hit.rank, round(hit.score, 4), hit.caption, hit.image_id] for hit in hits]
         return table, [hit.as_json() for hit in hits]
 
+    def caption_images(self, results: list[dict] | None) -> list[tuple[str, str]]:
+        """The images the found captions belong to, best first, each once (UI only: the API has the ids)."""
+        seen: dict[str, str] = {}
+        for result in results or []:
+            seen.setdefault(result["image_id"], f"#{result['rank']} · {result['caption']}")
+        return [(self.thumbnail_file(self.searcher.row(image_id)), label) for image_id, label in seen.items()]
+
     def remember_selection(self, results: list[dict] | None, event: gr.SelectData) -> str | None:
         """Which result the person clicked, by image id (stable even if the results change)."""
         if not results or event.index is None or event.index >= len(results):
@@ -103,23 +119,27 @@ class Handlers:
     def more_like_this(self, image_id: str | None, k: int):
         if image_id is None:
             raise QueryError("click one of the results first, then ask for more like it")
-        return self._image_results(self.searcher.more_like(self.searcher.image_ids.index(image_id), k))
+        return self._image_results(self.searcher.more_like(self.searcher.row(image_id), k))
+
+
+def is_demo_model(config: ModelConfig) -> bool:
+    """The offline demo's tiny towers, trained on generated shapes: the UI says so and adapts its examples."""
+    return config.image_tower == "tiny-cnn"
 
 
 def header(artifacts: LoadedArtifacts, source: str) -> str:
     config, test = artifacts.config, artifacts.metrics["test"]
-    demo = config.image_tower == "tiny-cnn"
     lines = ["# crossmodal: text ↔ image search"]
-    if demo:
+    if is_demo_model(config):
         lines.append(
             "**Demo model**: tiny towers trained in about a minute on generated pictures of shapes. "
             "Describe a shape, its colour, size, position and background."
         )
     else:
         lines.append("Search Flickr30k photos by describing them, or find captions for a picture of your own.")
-    link = source if Path(source).exists() else f"[{source}]({constants.ENDPOINT}/{source})"
+    card = "under *About this model*" if Path(source).exists() else f"[{source}]({constants.ENDPOINT}/{source})"
     lines.append(
-        f"Model: `{config.image_tower}` + `{config.text_tower}`, {config.embed_dim}-d, model card: {link}. "
+        f"Model: `{config.image_tower}` + `{config.text_tower}`, {config.embed_dim}-d, model card {card}. "
         f"Index: {len(artifacts.image_embeddings):,} images, {len(artifacts.text_embeddings):,} captions. "
         f"Test Recall@1/5/10: text→image {test['t2i_R@1']:.1f} / {test['t2i_R@5']:.1f} / {test['t2i_R@10']:.1f}, "
         f"image→text {test['i2t_R@1']:.1f} / {test['i2t_R@5']:.1f} / {test['i2t_R@10']:.1f}."
@@ -127,28 +147,36 @@ def header(artifacts: LoadedArtifacts, source: str) -> str:
     return "\n\n".join(lines)
 
 
-def example_images(searcher: Searcher, folder: Path) -> list[str]:
-    """A few stored thumbnails as files, so the image tab has something to click on."""
-    rows = [index for index, split in enumerate(searcher.splits) if split == "test"][:IMAGE_EXAMPLES]
-    paths = []
-    for row in rows:
-        path = folder / f"example_{searcher.image_ids[row]}.jpg"
-        path.write_bytes(searcher.thumbnail(row))
-        paths.append(str(path))
-    return paths
+def model_card_text(artifacts: LoadedArtifacts) -> str:
+    """The artifact's model card without its YAML metadata."""
+    return ModelCard.load(artifacts.folder / "README.md").text
 
 
-def build_app(searcher: Searcher, source: str, examples_folder: Path) -> gr.Blocks:
-    handlers = Handlers(searcher)
-    demo = searcher.config.image_tower == "tiny-cnn"
+def example_queries(searcher: Searcher) -> list[str]:
+    """For the demo model, held-out captions in the generated data's language; for Flickr30k, everyday scenes."""
+    if not is_demo_model(searcher.config):
+        return FLICKR_EXAMPLES
+    return [searcher.captions_of[row][0] for row in test_rows(searcher, 3)]
+
+
+def test_rows(searcher: Searcher, count: int) -> list[int]:
+    """The first ``count`` held-out images: examples the model was not trained on."""
+    return [index for index, split in enumerate(searcher.splits) if split == "test"][:count]
+
+
+def build_app(searcher: Searcher, source: str, media: Path) -> gr.Blocks:
+    """The whole UI; ``media`` is a private folder for the files the browser is shown (it must be allowed)."""
+    handlers = Handlers(searcher, media)
     with gr.Blocks(title="crossmodal: text ↔ image search", delete_cache=(3600, 3600)) as app:
         gr.Markdown(header(searcher.artifacts, source))
+        with gr.Accordion("About this model", open=False):
+            gr.Markdown(model_card_text(searcher.artifacts))
         with gr.Tab("Text → Image"):
             with gr.Row():
                 query = gr.Textbox(label="Describe a picture", placeholder="a dog running through the snow", scale=5)
                 text_button = gr.Button("Search", variant="primary", scale=1)
             text_k = gr.Slider(1, MAX_K, value=10, step=1, label="How many results")
-            gr.Examples(DEMO_EXAMPLES if demo else FLICKR_EXAMPLES, inputs=query, label="Try")
+            gr.Examples(example_queries(searcher), inputs=query, label="Try")
             gallery = gr.Gallery(
                 label="Best matches (rank · similarity · one of its captions)", columns=5, height="auto"
             )
@@ -164,29 +192,36 @@ def build_app(searcher: Searcher, source: str, examples_folder: Path) -> gr.Bloc
                 with gr.Column():
                     image_k = gr.Slider(1, MAX_K, value=10, step=1, label="How many results")
                     image_button = gr.Button("Find captions", variant="primary")
-                    gr.Examples(example_images(searcher, examples_folder), inputs=image, label="Try")
+                    examples = [handlers.thumbnail_file(row) for row in test_rows(searcher, IMAGE_EXAMPLES)]
+                    gr.Examples(examples, inputs=image, label="Try")
             table = gr.Dataframe(
                 headers=["rank", "score", "caption", "image"], datatype=["number", "number", "str", "str"],
                 interactive=False, wrap=True, label="Captions that describe it best",
             )  # fmt: skip
+            owners = gr.Gallery(label="The images those captions describe", columns=5, height="auto")
             similar = gr.Gallery(label="Visually similar images", columns=5, height="auto")
             with gr.Accordion("Results as JSON", open=False):
                 table_json = gr.JSON(label="captions")
                 similar_json = gr.JSON(label="similar images")
 
-        gr.on(
-            [query.submit, text_button.click], friendly_errors(handlers.text_to_image), [query, text_k],
-            [gallery, gallery_json], api_name="text_to_image",
-        )  # fmt: skip
+        new_results = [
+            gr.on(
+                [query.submit, text_button.click], friendly_errors(handlers.text_to_image), [query, text_k],
+                [gallery, gallery_json], api_name="text_to_image",
+            ),
+            more_button.click(
+                friendly_errors(handlers.more_like_this), [selected, text_k], [gallery, gallery_json],
+                api_visibility="private",
+            ),
+        ]  # fmt: skip
+        for event in new_results:  # a selection points into the results it was made in, and those are gone
+            event.success(lambda: None, None, selected, api_visibility="private")
         gallery.select(handlers.remember_selection, gallery_json, selected, api_visibility="private")
-        more_button.click(
-            friendly_errors(handlers.more_like_this), [selected, text_k], [gallery, gallery_json],
-            api_visibility="private",
-        )  # fmt: skip
         captions_found = image_button.click(
             friendly_errors(handlers.image_to_text), [image, image_k], [table, table_json],
             api_name="image_to_text", preprocess=False,  # our decoder, not Pillow's defaults, reads the upload
         )  # fmt: skip
+        captions_found.success(handlers.caption_images, table_json, owners, api_visibility="private")
         captions_found.success(
             friendly_errors(handlers.image_to_image), [image, image_k], [similar, similar_json],
             api_name="image_to_image", preprocess=False,
@@ -223,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("serving %s: %d images, %d captions", artifacts.folder, len(searcher.image_ids), len(searcher.captions))
 
     # 3. Launch with bounded work per request and nothing private reachable over HTTP.
-    with tempfile.TemporaryDirectory(prefix="crossmodal-examples-") as examples_folder:
-        app = build_app(searcher, args.artifacts, Path(examples_folder))
-        app.queue(max_size=64, default_concurrency_limit=2)  # 2 cores: more parallel searches only queue in torch
+    with tempfile.TemporaryDirectory(prefix="crossmodal-media-") as media:
+        app = build_app(searcher, args.artifacts, Path(media))
+        # One search at a time, each with every core: two at once on 2 cores oversubscribe torch's threads and both
+        # slow down many times over; queued requests wait their (short) turn instead.
+        app.queue(max_size=64, default_concurrency_limit=1)
         app.launch(
             server_name=args.host,
             server_port=args.port,
@@ -233,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             enable_monitoring=False,
             show_error=True,
             blocked_paths=[str(artifacts.folder.resolve()), constants.HF_HUB_CACHE, str(Path(__file__).resolve())],
-            allowed_paths=[examples_folder],
+            allowed_paths=[media],
             footer_links=["api"],
         )
     return 0

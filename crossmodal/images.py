@@ -47,11 +47,14 @@ def decode_image(
             image.load()
     except ImageDecodeError:
         raise
-    except Image.DecompressionBombError as error:
-        raise ImageDecodeError(f"the image is too large to decode safely ({error})") from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # Pillow's own check fires inside Image.open for images over its limit (~89 MP), before ours can run.
+        raise ImageDecodeError(
+            f"the image is too large to decode safely; the limit is {max_pixels // 1_000_000} megapixels"
+        ) from error
     except Image.UnidentifiedImageError as error:
         raise ImageDecodeError(f"not a supported image (accepted: {', '.join(sorted(ALLOWED_FORMATS))})") from error
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as error:
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageDecodeError(f"the image is corrupt or truncated ({error})") from error
     if min(image.size) < MIN_SIDE:
         raise ImageDecodeError(f"the image is {image.size[0]}x{image.size[1]}; at least {MIN_SIDE} px a side is needed")

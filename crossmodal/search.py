@@ -85,8 +85,9 @@ def clean_text(text: object) -> str:
 
 
 def check_k(k: object) -> int:
-    if isinstance(k, bool) or not isinstance(k, int | float) or k != int(k) or not 1 <= k <= MAX_K:
-        raise QueryError(f"k must be a whole number from 1 to {MAX_K} (got {k!r})")
+    # The range test comes first: it is False for NaN and inf, which int() below cannot convert.
+    if isinstance(k, bool) or not isinstance(k, int | float) or not 1 <= k <= MAX_K or k != int(k):
+        raise QueryError(f"the number of results (k) must be a whole number from 1 to {MAX_K} (got {k!r})")
     return int(k)
 
 
@@ -107,6 +108,7 @@ class Searcher:
         self.thumbnails = images.column("thumbnail")  # Arrow buffer: bytes are copied out only for shown results
         self.captions: list[str] = captions.column("caption").to_pylist()
         self.caption_image: list[int] = captions.column("image_index").to_pylist()
+        self.row_of_id = {image_id: row for row, image_id in enumerate(self.image_ids)}
         self.captions_of: list[list[str]] = [[] for _ in self.image_ids]
         for caption, image in zip(self.captions, self.caption_image, strict=True):
             self.captions_of[image].append(caption)
@@ -117,8 +119,10 @@ class Searcher:
         cleaned = clean_text(text)
         if not cleaned:
             raise QueryError("type a description to search for, e.g. 'a dog running through the snow'")
-        pieces = len(self.tokenizer(cleaned, truncation=False)["input_ids"])
-        return TextQuery(cleaned, truncated=pieces > self.config.max_text_length)
+        limit = self.config.max_text_length
+        # One piece past the limit is enough to know the model will not read it all (and keeps the tokenizer quiet).
+        pieces = len(self.tokenizer(cleaned, truncation=True, max_length=limit + 1)["input_ids"])
+        return TextQuery(cleaned, truncated=pieces > limit)
 
     @torch.inference_mode()
     def encode_text(self, query: TextQuery) -> torch.Tensor:
@@ -155,6 +159,12 @@ class Searcher:
 
     def image_to_image(self, data: bytes, k: int) -> list[ImageHit]:
         return self._image_hits(*self._top(self.image_embeddings, self.encode_image(data), check_k(k)))
+
+    def row(self, image_id: str) -> int:
+        """The index row of a stored image, by its id."""
+        if image_id not in self.row_of_id:
+            raise QueryError(f"no image {image_id!r} in the index")
+        return self.row_of_id[image_id]
 
     def more_like(self, image_index: int, k: int) -> list[ImageHit]:
         """Images nearest to a stored image, from its stored embedding (no re-encoding), itself excluded."""

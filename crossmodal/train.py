@@ -24,7 +24,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from crossmodal import checkpoint
 from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, ModelConfig, TrainConfig
-from crossmodal.data import DataSource, EpochShuffle, RowReport, TrainPairs, caption_table, check_rows, load_splits
+from crossmodal.data import DataSource, EpochShuffle, TrainPairs, caption_table, check_rows, load_splits
 from crossmodal.indexing import CaptionBatcher, encode_captions, encode_images
 from crossmodal.loss import clip_loss
 from crossmodal.metrics import recall_at_k
@@ -57,11 +57,9 @@ class RunState:
 
 @dataclass
 class TrainResult:
-    model: DualEncoder
-    model_config: ModelConfig
+    model: DualEncoder  # the best epoch's weights; model.config is the completed ModelConfig
     tokenizer: Any
-    splits: datasets.DatasetDict
-    report: RowReport
+    splits: datasets.DatasetDict  # after the bad-row checks
     state: RunState
     metrics: dict[str, dict[str, float]]
 
@@ -343,7 +341,7 @@ def train(
     best_val = next((entry["val"] for entry in state.history if entry["epoch"] == state.best_epoch), {})
     test = evaluate_rows(accelerator, unwrapped, tokenizer, splits["test"], train_config.eval_batch_size)
     accelerator.print(f"test (best epoch {state.best_epoch}): {format_metrics(test)}")
-    return TrainResult(unwrapped, model_config, tokenizer, splits, report, state, {"val": best_val, "test": test})
+    return TrainResult(unwrapped, tokenizer, splits, state, {"val": best_val, "test": test})
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -1,0 +1,174 @@
+"""The real app in a real browser: what a person sees and clicks, through Playwright and Debian's Chromium.
+
+Also refreshes the two screenshots in docs/. CI installs Chromium (.ci/run); without /usr/bin/chromium the module skips.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("playwright.sync_api", reason="the browser tests need the playwright package")
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (CI does this in .ci/run)", allow_module_level=True)
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+# Headless, offline: without the background-networking flags Chromium tries to reach outside hosts.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-quic",
+]  # fmt: skip
+QUERY = "a large red circle on the left of a blue background"
+TIMEOUT = 60_000  # ms, for every wait: a search on 2 busy CI cores (the first one also warms the model up) is slow
+THUMBNAIL = re.compile(r"^Thumbnail \d+ of \d+$")  # the gallery's aria-label for each result
+SCORE = r"-?\d\.\d{3}"  # cosine similarity, as the app formats it
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        expect.set_options(timeout=TIMEOUT)
+        yield browser
+        expect.set_options(timeout=5_000)  # Playwright's default, for anything else in this process
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, app_server) -> Iterator[Page]:
+    """A fresh page on the app; afterwards, nothing was fetched from outside it and the server logged no traceback."""
+    log_start = app_server.log.stat().st_size
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT)
+    outside = []
+    app = urlsplit(app_server.url).netloc
+
+    def check(request) -> None:
+        url = urlsplit(request.url)
+        if url.scheme in ("http", "https", "ws", "wss") and url.netloc != app:
+            outside.append(request.url)
+
+    page.on("request", check)
+    page.goto(app_server.url)
+    expect(page.get_by_role("heading", name="crossmodal: text ↔ image search")).to_be_visible()
+    yield page
+    context.close()
+    assert not outside, f"the page asked for something outside the app: {outside}"
+    logged = app_server.log.read_bytes()[log_start:].decode(errors="replace")
+    assert "Traceback" not in logged, f"the server logged an error:\n{logged[-1500:]}"
+
+
+def block(page: Page, label: str) -> Locator:
+    """A Gradio component by its visible label (galleries and images label their block this way)."""
+    return page.locator("div.block").filter(has=page.get_by_test_id("block-label").filter(has_text=label))
+
+
+def gallery_results(page: Page, label: str) -> tuple[Locator, Locator]:
+    """A gallery's result thumbnails and their caption labels (grid view)."""
+    gallery = block(page, label)
+    return gallery.get_by_role("button", name=THUMBNAIL), gallery.locator(".caption-label")
+
+
+def expect_ranked(captions: Locator, count: int) -> list[float]:
+    """`count` captions `#rank · score · caption`, ranks 1..count in order; returns the scores, not increasing."""
+    expect(captions).to_have_count(count)
+    expect(captions).to_have_text([re.compile(rf"^#{rank} · {SCORE} · \S") for rank in range(1, count + 1)])
+    scores = [float(text.split(" · ")[1]) for text in captions.all_inner_texts()]
+    assert scores == sorted(scores, reverse=True), scores
+    return scores
+
+
+def wait_for_images(page: Page) -> None:
+    """Every visible <img> has loaded, so a screenshot shows pictures; a broken one fails the test, naming it."""
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # galleries load their images lazily
+    visible = "[...document.images].filter(image => image.checkVisibility())"
+    page.wait_for_function(f"() => {visible}.every(image => image.complete)")  # loaded, or failed to
+    broken = page.evaluate(f"() => {visible}.filter(image => image.naturalWidth === 0).map(image => image.src)")
+    assert not broken, f"{len(broken)} image(s) did not load: {broken}"
+    page.evaluate("window.scrollTo(0, 0)")
+
+
+def search(page: Page, query: str) -> None:
+    box = page.get_by_label("Describe a picture")
+    box.fill(query)
+    box.press("Enter")
+
+
+def test_text_to_image_and_more_like_this(page):
+    results, captions = gallery_results(page, "Best matches")
+    search(page, QUERY)
+
+    expect(results).to_have_count(10)  # k defaults to 10
+    for result in results.all():
+        expect(result).to_be_visible()
+    expect_ranked(captions, 10)
+    wait_for_images(page)
+    page.screenshot(path=DOCS / "screenshot_text_to_image.png", full_page=True)
+
+    first = captions.first.inner_text()
+    results.nth(3).click()  # opens the preview; the app remembers which image was picked
+    gallery = block(page, "Best matches")
+    expect(gallery.get_by_test_id("detailed-image")).to_be_visible()
+    page.get_by_role("button", name="More like the selected image").click()
+    expect(captions.first).not_to_have_text(first)
+    gallery.get_by_role("button", name="Close", exact=True).click()  # back from the preview to the grid
+    expect(results).to_have_count(10)
+    scores = expect_ranked(captions, 10)
+    assert scores[0] > float(first.split(" · ")[1]), "neighbours of a result should be closer than the text query"
+
+
+def test_image_to_text(page, app_server, tmp_path):
+    images = pq.read_table(app_server.artifacts / "images.parquet", columns=["split", "thumbnail"])
+    row = [index for index, split in enumerate(images.column("split").to_pylist()) if split == "test"][-1]
+    upload = tmp_path / "query.jpg"
+    upload.write_bytes(images.column("thumbnail")[row].as_py())
+
+    page.get_by_role("tab", name="Image → Text").click()
+    image = block(page, "Your image")
+    image.locator("input[type=file]").set_input_files(upload)
+    expect(image.locator("img")).to_have_attribute("src", re.compile(r"/gradio_api/file="))  # on the server, shown
+    page.get_by_role("button", name="Find captions").click()
+
+    table = page.get_by_role("grid", name="Captions that describe it best")
+    rows = table.get_by_role("row").filter(has=page.get_by_role("gridcell"))
+    expect(rows).to_have_count(10)
+    scores = []
+    for rank, row_locator in enumerate(rows.all(), start=1):
+        cells = row_locator.get_by_role("gridcell").all_inner_texts()
+        assert len(cells) == 4, cells  # rank, score, caption, image id
+        assert cells[0].strip() == str(rank), cells
+        assert 0 < float(cells[1]) <= 1, cells
+        assert len(cells[2].split()) >= 3, cells
+        scores.append(float(cells[1]))
+    assert scores == sorted(scores, reverse=True), scores
+
+    similar, similar_captions = gallery_results(page, "Visually similar images")
+    expect(similar).to_have_count(10)
+    scores = expect_ranked(similar_captions, 10)
+    assert scores[0] >= 0.99, "an indexed picture, uploaded, should find itself first: upload and index encode alike"
+    wait_for_images(page)
+    page.screenshot(path=DOCS / "screenshot_image_to_text.png", full_page=True)
+
+
+def test_errors_are_shown_not_raised(page):
+    page.get_by_role("button", name="Search", exact=True).click()  # nothing typed
+    toast = page.get_by_test_id("toast-body")
+    expect(toast).to_be_visible()
+    expect(toast).to_contain_text(re.compile("type a description", re.IGNORECASE))
+    expect(page.get_by_text("Traceback")).to_have_count(0)
+
+    toast.get_by_role("button", name="Close", exact=True).click()
+    expect(toast).to_have_count(0)
+    results, captions = gallery_results(page, "Best matches")
+    search(page, "a small white star at the top")  # the page is still usable
+    expect(results).to_have_count(10)
+    expect_ranked(captions, 10)

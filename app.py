@@ -132,7 +132,7 @@ def header(artifacts: LoadedArtifacts, source: str) -> str:
     lines = ["# crossmodal: text ↔ image search"]
     if is_demo_model(config):
         lines.append(
-            "**Demo model**: tiny towers trained in about a minute on generated pictures of shapes. "
+            "**Demo model**: tiny towers trained for a few minutes on a CPU, on generated pictures of shapes. "
             "Describe a shape, its colour, size, position and background."
         )
     else:

@@ -3,7 +3,7 @@
     python -m benchmarks.tiny_end_to_end
 
 run:   `accelerate launch train_accelerate.py --preset tiny` on the generated dataset (1000/100/100 images), exactly
-       as scripts/demo.sh runs it: data checks, 10 epochs, validation each epoch, test, embeddings, artifact folder.
+       as scripts/demo.sh runs it: data checks, the preset's epochs with validation, test, embeddings, artifacts.
 floor: the same number of optimizer steps of the tiny model on one batch already in memory (bare compute).
 The ratio says how much the data path, evaluation, start-up and artifact writing add on top of the arithmetic.
 """

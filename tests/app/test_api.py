@@ -26,7 +26,8 @@ from tests.app.helpers import (
     call_api,
     upload,
 )
-from tests.conftest import ROOT, SUBPROCESS_ENV, free_port
+from tests.conftest import ROOT, SUBPROCESS_ENV
+from tests.live_server import free_port
 
 # --- the API contract -----------------------------------------------------------------------------------------------
 

@@ -19,7 +19,14 @@ from crossmodal.artifacts import Corpus, write_artifacts
 from crossmodal.config import DEFAULT_DATASET, IMAGE_TOWERS, PRESETS
 from crossmodal.data import BadDataError, DataSource, DataUnavailableError, SchemaError
 from crossmodal.indexing import encode_captions, encode_images
-from crossmodal.train import TrainingAborted, TrainingInterrupted, format_metrics, make_accelerator, train
+from crossmodal.train import (
+    TrainingAborted,
+    TrainingInterrupted,
+    format_metrics,
+    loader_workers,
+    make_accelerator,
+    train,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,11 +105,25 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(str(error))
         return 143  # 128 + SIGTERM, as if the signal had ended us, but with a checkpoint on disk
 
-    # 3. Embed every image and caption of the dataset for search.
+    # 3. Embed every image and caption of the dataset for search. The corpus ends with the test split, which train()
+    #    has just encoded for its metrics: encode the rest and append those, so the test split is encoded once and the
+    #    stored test embeddings are exactly the ones the metrics were computed on.
     corpus = Corpus.from_splits(result.splits)
+    test = result.test_embeddings
+    head_images, head_captions = len(corpus.rows) - len(test.images), len(corpus.captions) - len(test.texts)
     batch_size = train_config.eval_batch_size
-    image_embeddings = encode_images(accelerator, result.model, corpus.rows, batch_size, train_config.num_workers)
-    text_embeddings = encode_captions(accelerator, result.model, result.tokenizer, corpus.captions, batch_size)
+    workers = loader_workers(train_config.num_workers, accelerator.num_processes)
+    head = corpus.rows.select(range(head_images))
+    head_embeddings = encode_images(
+        accelerator, result.model, head, batch_size, workers, decode_on_device=train_config.decode_on_device
+    )
+    image_embeddings = torch.cat([head_embeddings, test.images])
+    text_embeddings = torch.cat(
+        [
+            encode_captions(accelerator, result.model, result.tokenizer, corpus.captions[:head_captions], batch_size),
+            test.texts,
+        ]
+    )
 
     # 4. The artifact folder, written once by the main process.
     if accelerator.is_main_process:

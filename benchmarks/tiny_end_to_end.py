@@ -21,7 +21,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.train_throughput import build_bench, floor_seconds  # the same floor as the throughput benchmark
+from benchmarks.train_throughput import (  # the same floor as the throughput benchmark
+    batch_on_device,
+    build_bench,
+    floor_seconds,
+)
 from crossmodal.config import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +60,8 @@ def main() -> int:
 
     steps = preset.epochs * (1000 // preset.batch_size)
     bench = build_bench("tiny", preset.batch_size, batches=2, num_workers=0, mixed_precision="no")
-    step_seconds = statistics.median(floor_seconds(bench, steps=20, warmup=3))
+    fixed = batch_on_device(bench)
+    step_seconds = statistics.median(floor_seconds(bench, fixed, steps=5, warmup=1) for _ in range(4))
     floor = steps * step_seconds
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")

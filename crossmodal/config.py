@@ -94,7 +94,13 @@ class TrainConfig:
     grad_accum_steps: int = 1  # accumulation averages gradients; it does not add negatives
     max_grad_norm: float = 1.0  # clipping guards the early steps, when the fresh projections move fast
     freeze_image_norm_stats: bool = True  # BatchNorm statistics frozen (VSE-infinity, SigLIP)
-    num_workers: int = 2  # decode + augment in worker processes; the machine this was tuned on has 2 cores
+    # Decode + augment run in loader workers; None: every core but one per process (train.loader_workers). A GPU
+    # at ~3,000 pairs/s needs ~10 cores of Pillow decoding, so a fixed count would starve one machine or oversubscribe
+    # another.
+    num_workers: int | None = None
+    # Workers pass JPEG bytes on and the training process decodes each batch on its device (nvjpeg on CUDA): for GPU
+    # machines with few cores per GPU. Off by default: the worker path decodes at a reduced JPEG scale when it can.
+    decode_on_device: bool = False
     eval_batch_size: int = 256
     checkpoint_every: int = 500  # steps; also at every epoch end
     keep_checkpoints: int = 2  # the newest complete ones; older ones are deleted once a newer one is complete

@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
+from crossmodal.augment import EncodedImage, TrainAugment, decodes_on_device
 from crossmodal.config import DEFAULT_DATASET
 from crossmodal.images import ImageDecodeError, decode_image
-from crossmodal.preprocess import seeded_transform
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
@@ -238,13 +238,17 @@ class TrainPairs(Dataset):
     """Item i of epoch e: image i, augmented, with one of its captions; both choices fixed by (seed, e, i).
 
     One caption per image per epoch means a batch never holds two captions of one image, so no true pair is ever
-    used as a negative.
+    used as a negative. With ``decode_on_device`` the item carries the JPEG bytes and the crop's seed instead of
+    pixels (see :mod:`crossmodal.augment`); images the device cannot decode like Pillow does are decoded here.
     """
 
-    def __init__(self, rows: datasets.Dataset, transform, seed: int) -> None:
-        self.rows = rows
-        self.transform = transform
+    def __init__(
+        self, rows: datasets.Dataset, augment: TrainAugment, seed: int, decode_on_device: bool = False
+    ) -> None:
+        self.rows = rows.select_columns(["image", "caption"])  # the other columns are never read: no need to copy them
+        self.augment = augment
         self.seed = seed
+        self.decode_on_device = decode_on_device
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -253,13 +257,15 @@ class TrainPairs(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | EncodedImage, str]:
         row = self.rows[index]
         rng = _epoch_generator(self.seed, self.epoch, index)
         captions = clean_captions(row["caption"])
         caption = captions[rng.integers(len(captions))]
-        image = decode_image(image_bytes(row["image"]))
-        return seeded_transform(self.transform, image, int(rng.integers(2**62))), caption
+        data, crop_seed = image_bytes(row["image"]), int(rng.integers(2**62))
+        if self.decode_on_device and decodes_on_device(data):
+            return EncodedImage(data, crop_seed), caption
+        return self.augment.decode(data, crop_seed), caption
 
 
 class EpochShuffle(Sampler[int]):
@@ -281,17 +287,21 @@ class EpochShuffle(Sampler[int]):
 
 
 class EvalImages(Dataset):
-    """Every image of ``rows`` once, with the eval transform, in row order."""
+    """Every image of ``rows`` once, with the eval transform, in row order (left encoded with ``decode_on_device``)."""
 
-    def __init__(self, rows: datasets.Dataset, transform) -> None:
+    def __init__(self, rows: datasets.Dataset, transform, decode_on_device: bool = False) -> None:
         self.images = rows.select_columns(["image"])
         self.transform = transform
+        self.decode_on_device = decode_on_device
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(decode_image(image_bytes(self.images[index]["image"])))
+    def __getitem__(self, index: int) -> torch.Tensor | EncodedImage:
+        data = image_bytes(self.images[index]["image"])
+        if self.decode_on_device and decodes_on_device(data):
+            return EncodedImage(data)
+        return self.transform(decode_image(data))
 
 
 def caption_table(rows: datasets.Dataset, image_offset: int = 0) -> tuple[list[str], list[int]]:

@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from crossmodal.augment import collate_images, decode_batch
 from crossmodal.config import ModelConfig
 from crossmodal.data import EvalImages
 from crossmodal.model import DualEncoder
@@ -34,25 +35,60 @@ def _encode(accelerator: Accelerator, loader: DataLoader, encode, desc: str) -> 
     chunks = []
     with torch.inference_mode(), accelerator.autocast():
         for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
-            embeddings = encode(batch) if isinstance(batch, torch.Tensor) else encode(**batch)
+            embeddings = encode(**batch) if isinstance(batch, dict) else encode(batch)
             chunks.append(accelerator.gather_for_metrics(embeddings.float()))
     return torch.cat(chunks).cpu()
 
 
 def encode_images(
-    accelerator: Accelerator, model: DualEncoder, rows: datasets.Dataset, batch_size: int, num_workers: int = 0
+    accelerator: Accelerator,
+    model: DualEncoder,
+    rows: datasets.Dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    decode_on_device: bool = False,
 ) -> torch.Tensor:
-    """[len(rows), D] L2-normalised image embeddings, in row order."""
-    dataset = EvalImages(rows, image_transform(model.config, train=False))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    """[len(rows), D] L2-normalised image embeddings, in row order.
+
+    ``decode_on_device``: loader workers pass JPEG bytes on and each batch is decoded on the accelerator's device
+    (nvjpeg on CUDA), then given the same eval transform.
+    """
+    transform = image_transform(model.config, train=False)
+    dataset = EvalImages(rows, transform, decode_on_device)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_images,
+        pin_memory=torch.cuda.is_available(),
+    )
+    # channels_last is cuDNN's fastest layout for the convolutions; on CPU the default layout stays.
+    layout = torch.channels_last if accelerator.device.type == "cuda" else torch.contiguous_format
+
+    def encode(batch: torch.Tensor | list) -> torch.Tensor:
+        if isinstance(batch, list):
+            batch = decode_batch(batch, lambda image, seed: transform(image), accelerator.device)
+        return model.encode_image(batch.contiguous(memory_format=layout))
+
     model.eval()
-    return _encode(accelerator, loader, model.encode_image, "Encoding images")
+    return _encode(accelerator, loader, encode, "Encoding images")
 
 
 def encode_captions(
-    accelerator: Accelerator, model: DualEncoder, tokenizer, captions: list[str], batch_size: int
+    accelerator: Accelerator,
+    model: DualEncoder,
+    tokenizer,
+    captions: list[str],
+    batch_size: int,
+    num_workers: int = 0,
 ) -> torch.Tensor:
     """[len(captions), D] L2-normalised caption embeddings, in order."""
-    loader = DataLoader(captions, batch_size=batch_size, collate_fn=CaptionBatcher(tokenizer, model.config))
+    loader = DataLoader(
+        captions,
+        batch_size=batch_size,
+        collate_fn=CaptionBatcher(tokenizer, model.config),
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
     model.eval()
     return _encode(accelerator, loader, model.encode_text, "Encoding captions")

@@ -39,16 +39,6 @@ def image_transform(config: ModelConfig, *, train: bool) -> v2.Compose:
     )
 
 
-def seeded_transform(transform: v2.Compose, image: Image.Image, seed: int) -> torch.Tensor:
-    """Apply a random transform with its own seed, so an augmentation depends only on (run seed, epoch, row).
-
-    That makes resumed runs, any number of loader workers and any number of processes see the same pixels.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return transform(image)
-
-
 def tokenize(tokenizer, captions: list[str], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Pad to the longest caption in the batch and truncate at ``max_text_length`` word pieces."""
     encoded = tokenizer(captions, padding=True, truncation=True, max_length=config.max_text_length, return_tensors="pt")

@@ -7,6 +7,7 @@ split is evaluated once, with the best weights, at the end. Checkpoints restart 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,13 +24,13 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from crossmodal import checkpoint
+from crossmodal.augment import EncodedImage, TrainAugment, decode_batch
 from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, ModelConfig, TrainConfig
 from crossmodal.data import DataSource, EpochShuffle, TrainPairs, caption_table, check_rows, load_splits
 from crossmodal.indexing import CaptionBatcher, encode_captions, encode_images
 from crossmodal.loss import clip_loss
 from crossmodal.metrics import recall_at_k
 from crossmodal.model import DualEncoder, build_model
-from crossmodal.preprocess import image_transform
 from crossmodal.tokenizer import fit_wordpiece, load_tokenizer
 
 
@@ -56,23 +57,57 @@ class RunState:
 
 
 @dataclass
+class SplitEmbeddings:
+    """The embeddings of one split: every image in row order, every caption in caption_table order."""
+
+    images: torch.Tensor  # [N_images, D]
+    texts: torch.Tensor  # [N_captions, D]
+    caption_image: torch.Tensor  # [N_captions] row of each caption's image
+
+
+@dataclass
 class TrainResult:
     model: DualEncoder  # the best epoch's weights; model.config is the completed ModelConfig
     tokenizer: Any
     splits: datasets.DatasetDict  # after the bad-row checks
     state: RunState
     metrics: dict[str, dict[str, float]]
+    test_embeddings: SplitEmbeddings  # what the test metrics were computed on: the artifact reuses them
 
 
 class TrainBatcher:
-    """Stack images, tokenize the sampled captions."""
+    """Stack images, tokenize the sampled captions; images left for the device to decode stay a list."""
 
     def __init__(self, tokenizer, config: ModelConfig) -> None:
         self.captions = CaptionBatcher(tokenizer, config)
 
-    def __call__(self, items: list[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[tuple[torch.Tensor | EncodedImage, str]]) -> dict[str, Any]:
         images, captions = zip(*items, strict=True)
+        if any(isinstance(image, EncodedImage) for image in images):
+            return {"images": list(images), **self.captions(list(captions))}
         return {"pixel_values": torch.stack(images), **self.captions(list(captions))}
+
+
+class DeviceBatch:
+    """A loader batch, on the training device, made ready for the model.
+
+    ``decode_on_device`` batches carry JPEG bytes: they are decoded and cropped here (nvjpeg on CUDA). channels_last
+    is the layout cuDNN runs EfficientNet's convolutions fastest in; a channels_last input is enough for every
+    convolution to follow it, and the weights stay contiguous for safetensors.
+    """
+
+    def __init__(self, augment: TrainAugment, device: torch.device, *, channels_last: bool) -> None:
+        self.augment = augment
+        self.device = device
+        self.channels_last = channels_last
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        batch = dict(batch)
+        if "images" in batch:
+            batch["pixel_values"] = decode_batch(batch.pop("images"), self.augment, self.device)
+        if self.channels_last:
+            batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
+        return batch
 
 
 class StopFlag:
@@ -121,14 +156,55 @@ def parameter_groups(model: DualEncoder, train: TrainConfig) -> list[dict[str, A
     ]
 
 
+def make_optimizer(model: DualEncoder, train: TrainConfig, *, fused: bool) -> torch.optim.AdamW:
+    """AdamW over :func:`parameter_groups`; ``fused`` (one kernel for all parameters) is what pays on CUDA."""
+    return torch.optim.AdamW(parameter_groups(model, train), lr=train.lr, fused=True if fused else None)
+
+
+def loader_workers(configured: int | None, num_processes: int) -> int:
+    """Loader workers per process: as configured, or every core this process's share has but one (it drives the
+    model), since decode + augment is the CPU-heavy part of a step."""
+    if configured is not None:
+        return configured
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(cores // num_processes - 1, 0)
+
+
+def make_train_loader(
+    dataset: TrainPairs, tokenizer, model_config: ModelConfig, train_config: TrainConfig, num_workers: int
+) -> DataLoader:
+    """Global batches of ``dataset`` in the epoch's order (``set_epoch``), collated by :class:`TrainBatcher`."""
+    return DataLoader(
+        dataset,
+        batch_size=train_config.batch_size,
+        sampler=EpochShuffle(len(dataset), train_config.seed),
+        drop_last=True,  # every step sees a full global batch: the same number of negatives
+        num_workers=num_workers,
+        collate_fn=TrainBatcher(tokenizer, model_config),
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,  # workers must see each epoch's set_epoch
+    )
+
+
+def encode_rows(
+    accelerator: Accelerator, model: DualEncoder, tokenizer, rows: datasets.Dataset, batch_size: int
+) -> SplitEmbeddings:
+    """Embeddings of all images and captions of ``rows``."""
+    captions, caption_image = caption_table(rows)
+    images = encode_images(accelerator, model, rows, batch_size)
+    texts = encode_captions(accelerator, model, tokenizer, captions, batch_size)
+    return SplitEmbeddings(images, texts, torch.tensor(caption_image))
+
+
+def split_metrics(embeddings: SplitEmbeddings) -> dict[str, float]:
+    return recall_at_k(embeddings.images, embeddings.texts, embeddings.caption_image)
+
+
 def evaluate_rows(
     accelerator: Accelerator, model: DualEncoder, tokenizer, rows: datasets.Dataset, batch_size: int
 ) -> dict[str, float]:
     """Recall@K of ``model`` on ``rows`` (all their images and captions)."""
-    captions, caption_image = caption_table(rows)
-    images = encode_images(accelerator, model, rows, batch_size)
-    texts = encode_captions(accelerator, model, tokenizer, captions, batch_size)
-    return recall_at_k(images, texts, torch.tensor(caption_image))
+    return split_metrics(encode_rows(accelerator, model, tokenizer, rows, batch_size))
 
 
 def train_step(
@@ -159,11 +235,19 @@ def train_step(
 
 
 def make_accelerator(
-    train_config: TrainConfig, project_dir: Path, mixed_precision: str | None = None, report_to: str | None = None
+    train_config: TrainConfig,
+    project_dir: Path,
+    mixed_precision: str | None = None,
+    report_to: str | None = None,
+    dynamo_backend: str | None = None,
 ) -> Accelerator:
-    """One global batch per step, split across processes: any process count sees exactly the same batches."""
+    """One global batch per step, split across processes: any process count sees exactly the same batches.
+
+    ``dynamo_backend`` ("inductor": torch.compile) defaults to the accelerate config, like ``mixed_precision``.
+    """
     return Accelerator(
         mixed_precision=mixed_precision,
+        dynamo_backend=dynamo_backend,
         gradient_accumulation_steps=train_config.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with=report_to,
@@ -212,17 +296,17 @@ def train(
         pretrained=model_config.init == "pretrained",
         freeze_image_norm_stats=train_config.freeze_image_norm_stats,
     )
-    optimizer = torch.optim.AdamW(parameter_groups(model, train_config), lr=train_config.lr)
-    dataset = TrainPairs(splits["train"], image_transform(model_config, train=True), train_config.seed)
-    loader = DataLoader(
+    on_cuda = accelerator.device.type == "cuda"
+    optimizer = make_optimizer(model, train_config, fused=on_cuda)
+    augment = TrainAugment(model_config)
+    dataset = TrainPairs(splits["train"], augment, train_config.seed, decode_on_device=train_config.decode_on_device)
+    device_batch = DeviceBatch(augment, accelerator.device, channels_last=on_cuda)
+    loader = make_train_loader(
         dataset,
-        batch_size=train_config.batch_size,
-        sampler=EpochShuffle(len(dataset), train_config.seed),
-        drop_last=True,  # every step sees a full global batch: the same number of negatives
-        num_workers=train_config.num_workers,
-        collate_fn=TrainBatcher(tokenizer, model_config),
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,  # workers must see each epoch's set_epoch
+        tokenizer,
+        model_config,
+        train_config,
+        loader_workers(train_config.num_workers, accelerator.num_processes),
     )
     batches_per_epoch = len(loader)
     if batches_per_epoch == 0:
@@ -273,7 +357,7 @@ def train(
             disable=not accelerator.is_local_main_process,
         )
         for batch in progress:
-            loss = train_step(accelerator, model, optimizer, scheduler, batch, train_config.max_grad_norm)
+            loss = train_step(accelerator, model, optimizer, scheduler, device_batch(batch), train_config.max_grad_norm)
             state.batches_done += 1
             if not math.isfinite(loss):
                 bad_in_a_row += 1
@@ -339,9 +423,10 @@ def train(
     if best_path.exists():
         load_model(unwrapped, str(best_path), device=str(accelerator.device))
     best_val = next((entry["val"] for entry in state.history if entry["epoch"] == state.best_epoch), {})
-    test = evaluate_rows(accelerator, unwrapped, tokenizer, splits["test"], train_config.eval_batch_size)
+    test_embeddings = encode_rows(accelerator, unwrapped, tokenizer, splits["test"], train_config.eval_batch_size)
+    test = split_metrics(test_embeddings)
     accelerator.print(f"test (best epoch {state.best_epoch}): {format_metrics(test)}")
-    return TrainResult(unwrapped, tokenizer, splits, state, {"val": best_val, "test": test})
+    return TrainResult(unwrapped, tokenizer, splits, state, {"val": best_val, "test": test}, test_embeddings)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from crossmodal import synthetic
+from crossmodal.augment import TrainAugment
 from crossmodal.config import PRESETS
 from crossmodal.data import (
     BadDataError,
@@ -18,7 +19,6 @@ from crossmodal.data import (
     clean_captions,
     load_splits,
 )
-from crossmodal.preprocess import image_transform
 from tests.conftest import corrupt_images
 
 SCHEMA = ["image", "caption", "split", "img_id", "filename"]
@@ -128,7 +128,7 @@ def test_rows_without_captions_are_skipped(tmp_path, small_dataset):
 def test_epoch_sampling_is_deterministic_and_one_caption_per_image(small_dataset):
     splits = load_splits(DataSource(str(small_dataset)))
     config = PRESETS["tiny"].model
-    pairs = TrainPairs(splits["train"], image_transform(config, train=True), seed=7)
+    pairs = TrainPairs(splits["train"], TrainAugment(config), seed=7)
     first = [pairs[i] for i in range(8)]
     again = [pairs[i] for i in range(8)]
     for (image_a, caption_a), (image_b, caption_b) in zip(first, again, strict=True):

@@ -1,0 +1,98 @@
+"""What the throughput benchmarks share: the machine line, Flickr-size data, the preset's model, targets."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+
+from crossmodal import synthetic
+from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, ModelConfig
+from crossmodal.data import DataSource, caption_table, load_splits
+from crossmodal.model import DualEncoder, build_model
+from crossmodal.tokenizer import fit_wordpiece
+
+FLICKR_SIZE = (500, 375)  # width x height of a typical Flickr30k photo
+FLICKR30K_IMAGES = 31_783
+FLICKR30K_CAPTIONS = 158_915
+
+
+def machine_line(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"machine: device {device} ({name}), {cores} cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, python {platform.python_version()}"
+    )
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def flickr_size_rows(num_rows: int, workdir: Path, unique: int = 128) -> datasets.Dataset:
+    """``num_rows`` rows in the DESIGN 4.1 schema with 500x375 JPEGs, loaded undecoded as training loads them.
+
+    Drawing a 500x375 scene costs ~40 ms, so ``unique`` scenes are drawn and repeated: decoding a repeated JPEG
+    costs what decoding a new one does.
+    """
+    unique = max(1, min(unique, num_rows))
+    synthetic.save(synthetic.generate(unique, 1, 1, image_size=FLICKR_SIZE), workdir / "data")
+    rows = load_splits(DataSource(str(workdir / "data")))["train"]
+    return rows.select([index % unique for index in range(num_rows)])
+
+
+def random_model(config: ModelConfig, rows: datasets.Dataset) -> tuple[DualEncoder, ModelConfig, object]:
+    """The preset's architecture with random weights (speed does not depend on them) and a tokenizer fit on ``rows``.
+
+    The text tower keeps its full vocabulary (30,522 for MiniLM), not the few hundred pieces the generated captions
+    need: the embedding table is a third of MiniLM's parameters, and AdamW updates all of them every step.
+    """
+    known = KNOWN_TEXT_ARCHITECTURES[config.text_tower]
+    tokenizer = fit_wordpiece(caption_table(rows)[0], vocab_size=known["vocab_size"], max_length=config.max_text_length)
+    text_config = {**known, "pad_token_id": tokenizer.pad_token_id}
+    config = dataclasses.replace(config, init="random", text_config=text_config)
+    torch.manual_seed(0)  # the same weights every time: the tests compare paths on them
+    model, config = build_model(config, tokenizer, pretrained=False, freeze_image_norm_stats=True)
+    return model, config, tokenizer
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so a clock reads the work done and not only the work launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(run: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    started = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class Target:
+    """One pass/fail line of a benchmark."""
+
+    name: str
+    value: float
+    bound: float
+    at_least: bool = True  # False: the value must stay under the bound
+
+    @property
+    def met(self) -> bool:
+        return self.value >= self.bound if self.at_least else self.value < self.bound
+
+    def describe(self) -> str:
+        relation = ">=" if self.at_least else "<"
+        return f"{self.name} {self.value:,.2f} (target {relation} {self.bound:g}): {'met' if self.met else 'MISSED'}"

@@ -1,0 +1,81 @@
+"""The fast training augmentation against the transform it replaces, in workers and on the device."""
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from crossmodal import synthetic
+from crossmodal.augment import EncodedImage, TrainAugment, decode_batch, decodes_on_device, resized_crop_params
+from crossmodal.config import PRESETS
+from crossmodal.data import DataSource, TrainPairs, image_bytes, load_splits
+from crossmodal.images import decode_image
+from crossmodal.preprocess import image_transform
+from crossmodal.tokenizer import fit_wordpiece
+from crossmodal.train import DeviceBatch, TrainBatcher
+
+TINY = PRESETS["tiny"].model
+
+
+def reference(image, config, seed: int) -> torch.Tensor:
+    """The plain implementation: image_transform's RandomResizedCrop under a reseeded global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return image_transform(config, train=True)(image)
+
+
+@pytest.fixture(scope="module")
+def jpegs() -> list[bytes]:
+    rows = synthetic.generate(6, 1, 1, image_size=(120, 90), seed=3)["train"]
+    return [value["bytes"] for value in rows.cast_column("image", datasets.Image(decode=False))["image"]]
+
+
+@pytest.mark.parametrize("height,width", [(375, 500), (500, 375), (90, 120), (40, 400)])
+def test_crop_params_are_torchvision_draws_from_the_seed(height, width):
+    for seed in range(20):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            expected = image_transform(TINY, train=True).transforms[1].make_params([torch.zeros(3, height, width)])
+        generator = torch.Generator().manual_seed(seed)
+        assert resized_crop_params(height, width, generator) == tuple(
+            expected[k] for k in ("top", "left", "height", "width")
+        )
+
+
+def test_worker_and_device_paths_give_the_reference_pixels(jpegs):
+    """At 120x90 no JPEG scaling applies (the draft needs 160 px), so all three paths are pixel-identical."""
+    augment = TrainAugment(TINY)
+    expected = torch.stack([reference(decode_image(data), TINY, 100 + i) for i, data in enumerate(jpegs)])
+    workers = torch.stack([augment.decode(data, 100 + i) for i, data in enumerate(jpegs)])
+    assert all(decodes_on_device(data) for data in jpegs)
+    items = [EncodedImage(data, 100 + i) for i, data in enumerate(jpegs)]
+    items[2] = augment.decode(jpegs[2], 102)  # a row the worker had to decode rides along as pixels
+    device = decode_batch(items, augment, torch.device("cpu"))
+    assert torch.equal(workers, expected) and torch.equal(device, expected)
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_without_upsampling():
+    data = synthetic.generate(1, 1, 1, image_size=(500, 375))["train"].cast_column(
+        "image", datasets.Image(decode=False)
+    )
+    image = decode_image(data[0]["image"]["bytes"], draft_size=TrainAugment(TINY).draft_size())
+    assert image.size == (250, 188)  # DCT scale 1/2: the smallest crop (0.8 x 188) still resizes down to 64 by 2x
+    assert TrainAugment(PRESETS["flickr30k"].model).draft_size() == (560, 560)  # 224 px: Flickr JPEGs decode whole
+    assert not decodes_on_device(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
+
+
+def test_train_pairs_on_the_device_batch_like_in_workers(small_dataset):
+    rows = load_splits(DataSource(str(small_dataset)))["train"].select(range(8))
+    tokenizer = fit_wordpiece(["a red circle", "a blue square"], vocab_size=64, max_length=TINY.max_text_length)
+    augment, collate = TrainAugment(TINY), TrainBatcher(tokenizer, TINY)
+    in_workers = collate([TrainPairs(rows, augment, seed=5)[i] for i in range(8)])
+    on_device = collate([TrainPairs(rows, augment, seed=5, decode_on_device=True)[i] for i in range(8)])
+    assert "images" in on_device and "pixel_values" not in on_device
+    ready = DeviceBatch(augment, torch.device("cpu"), channels_last=True)(on_device)
+    assert ready["pixel_values"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ready["pixel_values"], in_workers["pixel_values"])
+    assert torch.equal(ready["input_ids"], in_workers["input_ids"])
+    rng = np.random.default_rng([5, 0, 0])  # TrainPairs' draws for (seed 5, epoch 0, row 0): caption, then crop
+    rng.integers(len(rows[0]["caption"]))
+    first = decode_image(image_bytes(rows[0]["image"]))
+    assert torch.equal(in_workers["pixel_values"][0], reference(first, TINY, int(rng.integers(2**62))))

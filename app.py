@@ -9,11 +9,18 @@ half-working page. Public API endpoints: /text_to_image, /image_to_text, /image_
 
 from __future__ import annotations
 
+import sys
+
+from crossmodal.integrity import prefetch_source
+
+if __name__ == "__main__":
+    # Start hashing the artifact files on the spare core now: the imports below keep the other one busy for seconds.
+    prefetch_source(sys.argv[1:])
+
 import argparse
 import functools
 import logging
 import os
-import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -32,6 +39,7 @@ logger = logging.getLogger("crossmodal.app")
 FLICKR_EXAMPLES = ["Two men in green shirts drinking", "a dog running through the snow", "a child on a red bicycle"]
 MAX_UPLOAD = "10mb"
 IMAGE_EXAMPLES = 3
+Extension = Callable[[gr.Blocks, "Handlers"], None]
 
 
 def friendly_errors(handler: Callable) -> Callable:
@@ -164,8 +172,11 @@ def test_rows(searcher: Searcher, count: int) -> list[int]:
     return [index for index, split in enumerate(searcher.splits) if split == "test"][:count]
 
 
-def build_app(searcher: Searcher, source: str, media: Path) -> gr.Blocks:
-    """The whole UI; ``media`` is a private folder for the files the browser is shown (it must be allowed)."""
+def build_app(searcher: Searcher, source: str, media: Path, extend: Extension | None = None) -> gr.Blocks:
+    """The whole UI; ``media`` is a private folder for the files the browser is shown (it must be allowed).
+
+    ``extend(app, handlers)`` runs inside the Blocks once the UI is built: benchmarks add instrumentation that way.
+    """
     handlers = Handlers(searcher, media)
     with gr.Blocks(title="crossmodal: text ↔ image search", delete_cache=(3600, 3600)) as app:
         gr.Markdown(header(searcher.artifacts, source))
@@ -226,6 +237,8 @@ def build_app(searcher: Searcher, source: str, media: Path) -> gr.Blocks:
             friendly_errors(handlers.image_to_image), [image, image_k], [similar, similar_json],
             api_name="image_to_image", preprocess=False,
         )  # fmt: skip
+        if extend is not None:
+            extend(app, handlers)
     return app
 
 
@@ -243,7 +256,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extend: Extension | None = None) -> int:
     # 1. Where the artifacts come from.
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -259,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Launch with bounded work per request and nothing private reachable over HTTP.
     with tempfile.TemporaryDirectory(prefix="crossmodal-media-") as media:
-        app = build_app(searcher, args.artifacts, Path(media))
+        app = build_app(searcher, args.artifacts, Path(media), extend)
         # One search at a time, each with every core: two at once on 2 cores oversubscribe torch's threads and both
         # slow down many times over; queued requests wait their (short) turn instead.
         app.queue(max_size=64, default_concurrency_limit=1)

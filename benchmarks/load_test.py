@@ -23,14 +23,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from gradio_client import Client, handle_file
 
+from benchmarks.timing import percentile
 from tests.live_server import start_app
 
 KINDS = ("/text_to_image", "/image_to_text", "/image_to_image")
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def make_queries(artifacts: Path, folder: Path, count: int = 40) -> tuple[list[str], list[str]]:

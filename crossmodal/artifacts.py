@@ -5,7 +5,6 @@ It is assembled in a temporary sibling folder and renamed into place, so a reade
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import platform
@@ -21,19 +20,21 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from accelerate import init_empty_weights
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file, save_model
-from safetensors.torch import load_model as load_weights
 from tqdm.auto import tqdm
 
 from crossmodal.config import ModelConfig, TrainConfig
 from crossmodal.data import caption_table, image_bytes
 from crossmodal.images import decode_image
+from crossmodal.integrity import DIGESTS, sha256_of
 from crossmodal.model import DualEncoder, build_model
 from crossmodal.model_card import render_model_card
 from crossmodal.plots import plot_similarity, plot_training
 from crossmodal.preprocess import image_batch, tokenize
+from crossmodal.thumbnails import Thumbnails
 from crossmodal.tokenizer import load_tokenizer
 
 FORMAT_VERSION = 1
@@ -56,6 +57,7 @@ GOLDEN_CAPTIONS = 4
 GOLDEN_MIN_COSINE = 0.99  # serving path vs training-time path on the same bytes: equal up to float noise
 GOLDEN_INDEX_TOLERANCE = 0.02  # recorded thumbnail-to-index cosine must be reproduced this closely
 UNIT_NORM_TOLERANCE = 1e-3
+THUMBNAIL_ROW_GROUP = 1024  # ~16 MB of Flickr-size thumbnails per row group
 
 
 class ArtifactError(RuntimeError):
@@ -107,7 +109,15 @@ def _write_tables(corpus: Corpus, folder: Path, thumbnail_size: int) -> list[byt
             "thumbnail": pa.array(thumbnails, pa.binary()),
         }
     )
-    pq.write_table(image_table, folder / "images.parquet")
+    # Small row groups let a reader stream the thumbnails (crossmodal.thumbnails) without holding the whole column;
+    # JPEG bytes do not compress, so that column is stored as is and reads back as a plain copy.
+    pq.write_table(
+        image_table,
+        folder / "images.parquet",
+        row_group_size=THUMBNAIL_ROW_GROUP,
+        compression={"image_id": "snappy", "filename": "snappy", "split": "snappy", "thumbnail": "none"},
+        use_dictionary=["split"],
+    )
     caption_table_ = pa.table(
         {"caption": pa.array(corpus.captions, pa.string()), "image_index": pa.array(corpus.caption_image, pa.int32())}
     )
@@ -129,18 +139,10 @@ def _write_plots(folder: Path, history, loss_log, corpus: Corpus, image_emb: tor
     plot_similarity(similarity, pictures, [corpus.captions[i] for i in caption_rows], plots / "test_similarity.png")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _golden_rows(num_images: int) -> list[int]:
-    """A few images spread over the index (all splits) for the load-time self-test."""
-    count = min(GOLDEN_IMAGES, num_images)
-    return sorted({round(i * (num_images - 1) / max(count - 1, 1)) for i in range(count)})
+def golden_rows(num_rows: int, count: int = GOLDEN_IMAGES) -> list[int]:
+    """A few rows spread over the index (all splits) for the load-time self-test."""
+    count = min(count, num_rows)
+    return sorted({round(i * (num_rows - 1) / max(count - 1, 1)) for i in range(count)})
 
 
 def _encode_thumbnails(model: DualEncoder, thumbnails: list[bytes]) -> torch.Tensor:
@@ -156,7 +158,7 @@ def _golden_record(model: DualEncoder, thumbnails: list[bytes], image_embeddings
 
     Thumbnails are smaller than the originals, so the second number is below 1 and recorded rather than assumed.
     """
-    rows = _golden_rows(len(thumbnails))
+    rows = golden_rows(len(thumbnails))
     embeddings = _encode_thumbnails(model, [thumbnails[row] for row in rows])
     return {
         "image_rows": rows,
@@ -253,7 +255,8 @@ class LoadedArtifacts:
     tokenizer: Any
     image_embeddings: torch.Tensor  # [N_images, D]
     text_embeddings: torch.Tensor  # [N_captions, D]
-    images: pa.Table  # image_id, filename, split, thumbnail
+    images: pa.Table  # image_id, filename, split
+    thumbnails: Thumbnails  # the thumbnail column, by row
     captions: pa.Table  # caption, image_index
     metrics: dict[str, dict[str, float]]
 
@@ -272,8 +275,11 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(folder: Path) -> dict[str, Any]:
-    """Every file present, at its manifest size and sha256; no pickle-format file anywhere. Returns the manifest."""
+def _check_listing(folder: Path) -> dict[str, Any]:
+    """Everything but the digests: the folder, no pickle-format file, the manifest, every file at its size.
+
+    Starts hashing the files on a background thread, so the caller can load them meanwhile.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no artifact folder there")
@@ -293,8 +299,21 @@ def verify_files(folder: Path) -> dict[str, Any]:
             raise ArtifactError(f"{path}: missing (listed in manifest.json)")
         if path.stat().st_size != expected["size"]:
             raise ArtifactError(f"{path}: {path.stat().st_size} bytes, manifest.json says {expected['size']}")
-        if sha256_of(path) != expected["sha256"]:
+    DIGESTS.prefetch([folder / name for name in files])
+    return manifest
+
+
+def _check_digests(folder: Path, manifest: dict[str, Any]) -> None:
+    for name, expected in manifest["files"].items():
+        path = Path(folder) / name
+        if DIGESTS.sha256(path) != expected["sha256"]:  # hashed here, or by the prefetch coming from the other end
             raise ArtifactError(f"{path}: sha256 differs from manifest.json (the file was changed or corrupted)")
+
+
+def verify_files(folder: Path) -> dict[str, Any]:
+    """Every file present, at its manifest size and sha256; no pickle-format file anywhere. Returns the manifest."""
+    manifest = _check_listing(folder)
+    _check_digests(folder, manifest)
     return manifest
 
 
@@ -311,17 +330,24 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[DualEn
     folder = Path(folder)
     config = load_model_config(folder)
     tokenizer = load_tokenizer(str(folder / "tokenizer"))
-    model, _ = build_model(config, tokenizer, pretrained=False)
+    # Parameters on the meta device: random initialisation that the weights would overwrite costs ~0.5 s at start-up.
+    with init_empty_weights(include_buffers=False):
+        model, _ = build_model(config, tokenizer, pretrained=False)
     path = folder / "model.safetensors"
     try:
-        missing, unexpected = load_weights(model, str(path), strict=False, device=str(device))
-    except (RuntimeError, OSError) as error:  # shape mismatches, unreadable header
-        raise ArtifactError(f"{path}: weights do not fit config.json ({error})") from error
+        weights = load_file(path, device=str(device))
+    except (OSError, SafetensorError) as error:
+        raise ArtifactError(f"{path}: unreadable weights ({error})") from error
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:
         raise ArtifactError(
-            f"{path}: weights do not match config.json "
-            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+            f"{path}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as error:  # shape mismatches
+        raise ArtifactError(f"{path}: weights do not fit config.json ({error})") from error
     return model.to(device).eval(), tokenizer
 
 
@@ -336,24 +362,37 @@ def _load_embeddings(folder: Path, name: str, manifest: dict[str, Any], rows: in
         raise ArtifactError(f"{path}: shape {list(embeddings.shape)}, manifest.json says {expected_shape}")
     if embeddings.ndim != 2 or embeddings.shape != (rows, width):
         raise ArtifactError(f"{path}: shape {list(embeddings.shape)}, expected [{rows}, {width}] (rows of the table)")
-    if not torch.isfinite(embeddings).all():
-        row = int((~torch.isfinite(embeddings)).any(dim=1).nonzero()[0])
+    embeddings = embeddings.float()
+    norms = torch.linalg.vector_norm(embeddings, dim=1)  # NaN or inf anywhere in a row makes its norm non-finite
+    if not torch.isfinite(norms).all():
+        row = int((~torch.isfinite(norms)).nonzero()[0])
         raise ArtifactError(f"{path}: row {row} is not finite (NaN or inf)")
-    deviation = (embeddings.float().norm(dim=1) - 1).abs()
+    deviation = (norms - 1).abs()
     if deviation.max() > UNIT_NORM_TOLERANCE:
         row = int(deviation.argmax())
         raise ArtifactError(f"{path}: row {row} has norm {1 + float(deviation[row]):.4f}, expected unit norm")
-    return embeddings.float()
+    return embeddings
 
 
-def _read_table(path: Path, columns: list[str]) -> pa.Table:
+def _read_table(path: Path, columns: list[str], skip: tuple[str, ...] = ()) -> pa.Table:
+    """The table, if its columns are exactly ``columns``; those in ``skip`` are checked but not read."""
     try:
-        table = pq.read_table(path)
+        names = pq.read_schema(path).names
+        if names != columns:
+            raise ArtifactError(f"{path}: columns {names}, expected {columns}")
+        return pq.read_table(path, columns=[name for name in columns if name not in skip])
     except (OSError, pa.ArrowException) as error:
         raise ArtifactError(f"{path}: unreadable Parquet ({error})") from error
-    if table.column_names != columns:
-        raise ArtifactError(f"{path}: columns {table.column_names}, expected {columns}")
-    return table
+
+
+def _check_thumbnails(thumbnails: Thumbnails, path: Path, rows: int) -> Thumbnails:
+    try:
+        thumbnails.wait()
+    except (OSError, ValueError, pa.ArrowException) as error:
+        raise ArtifactError(f"{path}: unreadable thumbnails ({error})") from error
+    if len(thumbnails) != rows:
+        raise ArtifactError(f"{path}: {len(thumbnails)} thumbnails for {rows} rows")
+    return thumbnails
 
 
 def _self_test(loaded: LoadedArtifacts) -> None:
@@ -362,7 +401,7 @@ def _self_test(loaded: LoadedArtifacts) -> None:
     if not golden:
         raise ArtifactError(f"{loaded.folder / 'manifest.json'}: no golden self-test record")
     rows = golden["image_rows"]
-    thumbnails = [loaded.images.column("thumbnail")[row].as_py() for row in rows]
+    thumbnails = [loaded.thumbnails[row] for row in rows]
     fresh = _encode_thumbnails(loaded.model, thumbnails)
     recorded = torch.tensor(golden["thumbnail_embeddings"])
     for position, row in enumerate(rows):
@@ -379,7 +418,7 @@ def _self_test(loaded: LoadedArtifacts) -> None:
                 f"{to_index:.4f} to the model's embedding, {golden['cosine_to_index'][position]:.4f} at training "
                 "time); embeddings from another checkpoint?"
             )
-    caption_rows = _golden_rows(loaded.captions.num_rows)[:GOLDEN_CAPTIONS]
+    caption_rows = golden_rows(loaded.captions.num_rows, GOLDEN_CAPTIONS)
     captions = [loaded.captions.column("caption")[row].as_py() for row in caption_rows]
     with torch.inference_mode():
         texts = loaded.model.encode_text(**tokenize(loaded.tokenizer, captions, loaded.config)).float()
@@ -392,35 +431,49 @@ def _self_test(loaded: LoadedArtifacts) -> None:
         )
 
 
-def verify_artifacts(folder: Path) -> LoadedArtifacts:
-    """Load an artifact folder only if every check passes; otherwise raise ArtifactError naming file and values.
-
-    Files against the manifest; weights strictly against config.json; embeddings (keys, shapes, finite, unit norm)
-    against the tables; every caption's image in range; then the golden self-test.
-    """
-    folder = Path(folder)
-    manifest = verify_files(folder)
+def _load(folder: Path, manifest: dict[str, Any]) -> LoadedArtifacts:
+    """Load every part, checking each against config.json, the manifest and the other parts."""
+    images = _read_table(folder / "images.parquet", ["image_id", "filename", "split", "thumbnail"], skip=("thumbnail",))
+    thumbnails = Thumbnails(folder / "images.parquet")  # read on another thread while the model loads
     model, tokenizer = load_model(folder)
     config = model.config
-    images = _read_table(folder / "images.parquet", ["image_id", "filename", "split", "thumbnail"])
     captions = _read_table(folder / "captions.parquet", ["caption", "image_index"])
     dim = config.embed_dim
     image_embeddings = _load_embeddings(folder, "image_embeddings.safetensors", manifest, images.num_rows, dim)
     text_embeddings = _load_embeddings(folder, "text_embeddings.safetensors", manifest, captions.num_rows, dim)
-    image_index = torch.tensor(captions.column("image_index").to_pylist(), dtype=torch.long)
+    image_index = torch.from_numpy(captions.column("image_index").to_numpy().astype("int64"))
     if image_index.numel() and (image_index.min() < 0 or image_index.max() >= images.num_rows):
         row = int(((image_index < 0) | (image_index >= images.num_rows)).nonzero()[0])
         raise ArtifactError(
             f"{folder / 'captions.parquet'}: caption {row} points at image {int(image_index[row])}, "
             f"but images.parquet has {images.num_rows} rows"
         )
+    _check_thumbnails(thumbnails, folder / "images.parquet", images.num_rows)
     try:
         metrics = json.loads((folder / "metrics.json").read_text())
         float(metrics["test"]["t2i_R@1"])  # the figure the app's header shows must be there
     except (ValueError, KeyError, TypeError) as error:
         raise ArtifactError(f"{folder / 'metrics.json'}: unreadable ({error})") from error
-    loaded = LoadedArtifacts(
-        folder, manifest, config, model, tokenizer, image_embeddings, text_embeddings, images, captions, metrics
-    )
+    return LoadedArtifacts(
+        folder, manifest, config, model, tokenizer, image_embeddings, text_embeddings, images, thumbnails, captions,
+        metrics,
+    )  # fmt: skip
+
+
+def verify_artifacts(folder: Path) -> LoadedArtifacts:
+    """Load an artifact folder only if every check passes; otherwise raise ArtifactError naming file and values.
+
+    Files against the manifest (sizes, then sha256); weights strictly against config.json; embeddings (keys, shapes,
+    finite, unit norm) against the tables; every caption's image in range; then the golden self-test. The files are
+    hashed on another thread while they load; nothing is returned before every digest matched.
+    """
+    folder = Path(folder)
+    manifest = _check_listing(folder)
+    try:
+        loaded = _load(folder, manifest)
+    except ArtifactError:
+        _check_digests(folder, manifest)  # a corrupted file explains a failure better than its symptom does
+        raise
+    _check_digests(folder, manifest)
     _self_test(loaded)
     return loaded

@@ -30,7 +30,8 @@ def plot_training(history: list[dict[str, Any]], loss_log: list[tuple[int, float
     recall_axis.set(xlabel="epoch", ylabel="recall (%)", title="Validation Recall@K", ylim=(0, 100))
     for axis in (loss_axis, recall_axis):
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.get_legend_handles_labels()[0]:  # an empty run (no steps logged) has nothing to label
+            axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

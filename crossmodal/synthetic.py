@@ -340,6 +340,12 @@ def _captions(scene: Scene, rng: np.random.Generator) -> tuple[str, ...]:
     return tuple(_caption(_TEMPLATES[i], scene, rng) for i in templates)
 
 
+def sample_captions(num_images: int, seed: int = 0) -> list[tuple[str, ...]]:
+    """Five captions for each of ``num_images`` scenes, without drawing the pictures: text at corpus scale, fast."""
+    rng = np.random.default_rng([seed, len(SPLITS)])  # a stream of its own, apart from the splits'
+    return [_captions(scene, rng) for scene in _sample_scenes(num_images, rng)]
+
+
 # ---------------------------------------------------------------- dataset
 
 

@@ -28,10 +28,15 @@ class Server:
     log: Path
 
 
-def start_app(artifacts: Path, log: Path, timeout: float = 120, env: dict | None = None) -> Server:
-    """`python app.py --artifacts ...` on a free local port, as a user starts it; returns once it answers HTTP."""
+def start_app(
+    artifacts: Path, log: Path, timeout: float = 120, env: dict | None = None, entry: list[str] | None = None
+) -> Server:
+    """`python app.py --artifacts ...` on a free local port, as a user starts it; returns once it answers HTTP.
+
+    ``entry`` replaces ``["app.py"]`` (e.g. ``["-m", "benchmarks.noop_app"]``, which takes the same flags).
+    """
     port = free_port()
-    command = [sys.executable, "app.py", "--artifacts", str(artifacts), "--port", str(port)]
+    command = [sys.executable, *(entry or ["app.py"]), "--artifacts", str(artifacts), "--port", str(port)]
     handle = open(log, "w")  # noqa: SIM115 - stays open for the server's lifetime
     process = subprocess.Popen(
         command,
@@ -44,7 +49,7 @@ def start_app(artifacts: Path, log: Path, timeout: float = 120, env: dict | None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{command[1]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:

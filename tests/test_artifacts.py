@@ -62,7 +62,7 @@ def test_embeddings_from_another_checkpoint_are_caught_by_the_golden_self_test(a
     other, _ = build_model(loaded.config, loaded.tokenizer, pretrained=False)  # same shapes, other weights
     from crossmodal.artifacts import _encode_thumbnails
 
-    thumbnails = loaded.images.column("thumbnail").to_pylist()
+    thumbnails = [loaded.thumbnails[row] for row in range(len(loaded.thumbnails))]
     save_file(
         {"embeddings": _encode_thumbnails(other, thumbnails).contiguous()}, artifacts / "image_embeddings.safetensors"
     )

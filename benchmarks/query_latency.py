@@ -1,0 +1,289 @@
+"""Query latency and start-up of the app at Flickr30k scale on this machine, each against its floor in the same run.
+
+    python -m benchmarks.query_latency                  # builds .cache/benchmarks/flickr-scale-* once (~3 min)
+    python -m benchmarks.query_latency --queries 50 --startups 3
+
+The index: ``benchmarks.flickr_scale`` (the default architecture with random weights, 31,783 images, 158,915
+captions, 512-d). Queries: generated captions of Flickr length for text -> image, 500x375 photo-like JPEGs for
+image -> text and image -> image, k = 10.
+
+in-process  ``Searcher`` (what each endpoint calls) vs the floor: the bare tower forward on an already-preprocessed
+            input plus a bare ``topk`` over the same embedding matrix. Target: p50 <= 1.25 x floor p50.
+client      ``gradio_client`` against the launched app (``benchmarks.noop_app``: app.py plus no-op twins of its
+            endpoints that return a same-sized answer without searching). Target: p50 <= no-op p50 + 1.25 x floor.
+start-up    ``python app.py`` from spawn to the first answered query (through gradio_client, which receives the
+            answer's JSON and file URLs) and its peak RSS, vs a bare ``import`` of the app's dependencies.
+            Targets: time <= import + 5 s, RSS <= import RSS + 1.5 GB.
+
+Each kind's queries alternate with their floor (or no-op) one by one, so the machine's drift hits both alike.
+Exits 1 if any target is missed; the last line carries every ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from gradio_client import Client, handle_file
+
+from benchmarks import flickr_scale
+from benchmarks.timing import percentile, seconds
+from crossmodal.artifacts import verify_artifacts
+from crossmodal.images import decode_image
+from crossmodal.preprocess import image_batch, tokenize
+from crossmodal.search import Searcher
+from crossmodal.synthetic import sample_captions
+from tests.live_server import free_port, start_app
+
+K = 10
+LATENCY_TARGET = 1.25  # x floor
+STARTUP_SECONDS = 5.0  # over the bare import
+STARTUP_RSS_MB = 1536.0  # over the bare import's
+KINDS = ("text_to_image", "image_to_text", "image_to_image")
+DEPENDENCIES = "gradio, torch, torchvision, transformers, safetensors, huggingface_hub, pyarrow.parquet, PIL.Image"
+
+
+@dataclass
+class Queries:
+    texts: list[str]
+    images: list[bytes]
+    image_files: list[str]  # the same images as files, for gradio_client to upload
+
+
+def make_queries(count: int, folder: Path) -> Queries:
+    texts = [five[0] for five in sample_captions(count, seed=1)]  # not the index's captions
+    images = flickr_scale.query_images(count)
+    files = []
+    for index, data in enumerate(images):
+        path = folder / f"query_{index}.jpg"
+        path.write_bytes(data)
+        files.append(str(path))
+    return Queries(texts, images, files)
+
+
+# --- the floor and the real thing, query by query -------------------------------------------------------------------
+
+
+class Floor:
+    """The least any search can cost: the bare tower on a prepared input, then ``topk`` over the stored matrix."""
+
+    def __init__(self, searcher: Searcher, queries: Queries) -> None:
+        self.searcher = searcher
+        config, tokenizer = searcher.config, searcher.tokenizer
+        self.tokens = [tokenize(tokenizer, [text], config) for text in queries.texts]
+        self.pixels = [image_batch([decode_image(data)], config) for data in queries.images]
+
+    @staticmethod
+    def _top(matrix: torch.Tensor, query: torch.Tensor) -> list[int]:
+        return torch.topk(matrix @ query, K).indices.tolist()
+
+    @torch.inference_mode()
+    def text_to_image(self, index: int) -> list[int]:
+        query = self.searcher.model.encode_text(**self.tokens[index])[0]
+        return self._top(self.searcher.image_embeddings, query)
+
+    @torch.inference_mode()
+    def image_to_text(self, index: int) -> list[int]:
+        return self._top(self.searcher.text_embeddings, self.searcher.model.encode_image(self.pixels[index])[0])
+
+    @torch.inference_mode()
+    def image_to_image(self, index: int) -> list[int]:
+        return self._top(self.searcher.image_embeddings, self.searcher.model.encode_image(self.pixels[index])[0])
+
+
+class InProcess:
+    """What each endpoint's handler calls, from the raw query (text as typed, image as uploaded bytes)."""
+
+    def __init__(self, searcher: Searcher, queries: Queries) -> None:
+        self.searcher = searcher
+        self.queries = queries
+
+    def text_to_image(self, index: int) -> list[int]:
+        query = self.searcher.text_query(self.queries.texts[index])
+        return [hit.image_index for hit in self.searcher.text_to_image(query, K)]
+
+    def image_to_text(self, index: int) -> list[int]:
+        return [hit.caption_index for hit in self.searcher.image_to_text(self.queries.images[index], K)]
+
+    def image_to_image(self, index: int) -> list[int]:
+        return [hit.image_index for hit in self.searcher.image_to_image(self.queries.images[index], K)]
+
+
+class ThroughClient:
+    """One gradio_client user of the launched app, calling an endpoint or its no-op twin."""
+
+    def __init__(self, url: str, queries: Queries, prefix: str = "") -> None:
+        self.client = Client(url, verbose=False)
+        self.queries = queries
+        self.prefix = prefix
+
+    def _call(self, kind: str, index: int):
+        query = self.queries.texts[index] if kind == "text_to_image" else handle_file(self.queries.image_files[index])
+        return self.client.predict(query, K, api_name=f"/{self.prefix}{kind}")
+
+    def text_to_image(self, index: int):
+        return self._call("text_to_image", index)
+
+    def image_to_text(self, index: int):
+        return self._call("image_to_text", index)
+
+    def image_to_image(self, index: int):
+        return self._call("image_to_image", index)
+
+
+def alternate(ours: Callable[[int], object], floor: Callable[[int], object], count: int, warmup: int = 3):
+    """Time ``ours(i)`` and ``floor(i)`` back to back for each query i; returns (ours, floor) seconds."""
+    for index in range(warmup):
+        ours(index % count), floor(index % count)
+    timed_ours, timed_floor = [], []
+    for index in range(count):
+        timed_ours.append(seconds(lambda: ours(index)))  # noqa: B023 - called at once, inside this iteration
+        timed_floor.append(seconds(lambda: floor(index)))  # noqa: B023
+    return timed_ours, timed_floor
+
+
+# --- start-up -------------------------------------------------------------------------------------------------------
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """VmHWM: the process's peak resident set so far."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+def bare_import() -> tuple[float, float]:
+    """Seconds and peak RSS (MB) of a fresh interpreter importing the app's dependencies and nothing else."""
+    # VmHWM, read by the child itself: getrusage's maxrss survives exec and would count this (large) parent's pages.
+    report = "print([line for line in open('/proc/self/status') if line.startswith('VmHWM:')][0].split()[1])"
+    started = time.perf_counter()
+    output = subprocess.run([sys.executable, "-c", f"import {DEPENDENCIES}; {report}"], capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if output.returncode != 0:
+        raise RuntimeError(f"importing {DEPENDENCIES} failed:\n{output.stderr[-2000:]}")
+    return elapsed, int(output.stdout.split()[-1]) / 1024
+
+
+def app_start(folder: Path, query: str, log: Path) -> tuple[float, float]:
+    """Seconds from spawning ``python app.py`` to the first answered query, and the server's peak RSS (MB) then."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    started = time.perf_counter()
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--artifacts", str(folder), "--port", str(port)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5):
+                    break
+            except OSError:
+                time.sleep(0.02)
+        # Answered means the server's answer arrived; fetching the 10 thumbnails it links is the client's own cost
+        # (gradio_client opens a new HTTP client per file, ~80 ms each), measured by the no-op rows above instead.
+        Client(url, verbose=False, download_files=False).predict(query, K, api_name="/text_to_image")
+        elapsed = time.perf_counter() - started
+        return elapsed, _peak_rss_mb(process.pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+# --- report ---------------------------------------------------------------------------------------------------------
+
+
+def _row(label: str, values: list[float], reference: float | None = None) -> str:
+    p50, p95 = percentile(values, 0.5), percentile(values, 0.95)
+    ratio = f"{p50 / reference:>7.2f}" if reference else ""
+    return f"  {label:<34} {1000 * p50:>8.1f} {1000 * p95:>8.1f} {ratio}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queries", type=int, default=50, help="timed queries of each kind")
+    parser.add_argument("--startups", type=int, default=3, help="app starts timed (the median counts)")
+    parser.add_argument("--cache", type=Path, default=Path(".cache/benchmarks"))
+    parser.add_argument("--images", type=int, default=flickr_scale.FLICKR_IMAGES, help="index size (fewer: a dry run)")
+    args = parser.parse_args(argv)
+
+    folder = flickr_scale.ensure(args.cache, args.images)
+    workdir = Path(tempfile.mkdtemp(prefix="crossmodal-latency-"))
+    queries = make_queries(args.queries, workdir)
+    searcher = Searcher(verify_artifacts(folder))
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}; index {len(searcher.image_ids):,} images, {len(searcher.captions):,} captions, "
+        f"{searcher.config.embed_dim}-d {searcher.image_embeddings.dtype}, k = {K}"
+    )
+
+    ratios: dict[str, float] = {}
+    missed: list[str] = []
+    print(f"  {'milliseconds':<34} {'p50':>8} {'p95':>8} {'ratio':>7}")
+    floor, ours = Floor(searcher, queries), InProcess(searcher, queries)
+    floors = {}
+    for kind in KINDS:
+        timed, floors[kind] = alternate(getattr(ours, kind), getattr(floor, kind), args.queries)
+        ratios[f"in-process {kind}"] = ratio = percentile(timed, 0.5) / percentile(floors[kind], 0.5)
+        print(_row(f"floor {kind}", floors[kind]))
+        print(_row(f"in-process {kind}", timed, percentile(floors[kind], 0.5)))
+        if ratio > LATENCY_TARGET:
+            missed.append(f"in-process {kind}: {ratio:.2f} x floor > {LATENCY_TARGET}")
+    del searcher, floor, ours  # the server below gets the memory and both cores
+
+    server = start_app(folder, workdir / "noop_app.log", entry=["-m", "benchmarks.noop_app"])
+    try:
+        real, noop = ThroughClient(server.url, queries), ThroughClient(server.url, queries, prefix="noop_")
+        for kind in KINDS:
+            timed, idle = alternate(getattr(real, kind), getattr(noop, kind), args.queries)
+            allowed = percentile(idle, 0.5) + LATENCY_TARGET * percentile(floors[kind], 0.5)
+            # The ratio: the endpoint's cost beyond the framework's, in floors (target <= 1.25, like in-process).
+            ratios[f"client {kind}"] = ratio = (percentile(timed, 0.5) - percentile(idle, 0.5)) / percentile(
+                floors[kind], 0.5
+            )
+            print(_row(f"client no-op {kind}", idle))
+            print(_row(f"client {kind} (extra / floor)", timed) + f" {ratio:>7.2f}")
+            if percentile(timed, 0.5) > allowed:
+                missed.append(f"client {kind}: p50 {1000 * percentile(timed, 0.5):.1f} ms > {1000 * allowed:.1f} ms")
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=30)
+
+    imports = [bare_import() for _ in range(args.startups)]
+    starts = [app_start(folder, queries.texts[0], workdir / f"start_{run}.log") for run in range(args.startups)]
+    import_s, import_mb = percentile([t for t, _ in imports], 0.5), percentile([m for _, m in imports], 0.5)
+    start_s, start_mb = percentile([t for t, _ in starts], 0.5), percentile([m for _, m in starts], 0.5)
+    print(f"  {'start-up (median of ' + str(args.startups) + ')':<34} {'seconds':>8} {'peak MB':>8}")
+    print(f"  {'bare import of the dependencies':<34} {import_s:>8.2f} {import_mb:>8.0f}")
+    print(f"  {'app: spawn to first answered query':<34} {start_s:>8.2f} {start_mb:>8.0f}")
+    ratios["start-up extra s"] = start_s - import_s
+    ratios["start-up extra GB"] = (start_mb - import_mb) / 1024
+    if start_s > import_s + STARTUP_SECONDS:
+        missed.append(f"start-up {start_s:.2f} s > import {import_s:.2f} s + {STARTUP_SECONDS} s")
+    if start_mb > import_mb + STARTUP_RSS_MB:
+        missed.append(f"start-up peak RSS {start_mb:.0f} MB > import {import_mb:.0f} MB + {STARTUP_RSS_MB:.0f} MB")
+
+    for line in missed:
+        print(f"MISSED {line}")
+    print("ratios: " + ", ".join(f"{name} {value:.2f}" for name, value in ratios.items()))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The query-latency benchmark measures the right things: no timing is asserted, only what is timed.
+
+Its floor must find what the search finds, its no-op twins must move answers of the same shape as the real endpoints,
+its Flickr-scale folder must be a real artifact folder of the default architecture, and the script must report its
+ratios last and fail when a target is missed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gradio_client import Client, handle_file
+
+from benchmarks import flickr_scale, query_latency
+from benchmarks.query_latency import KINDS, Floor, InProcess, make_queries
+from crossmodal.artifacts import verify_artifacts
+from crossmodal.search import Searcher
+from tests.conftest import SUBPROCESS_ENV
+from tests.live_server import start_app
+
+SMALL_INDEX = 40  # images; the script's --images
+
+
+@pytest.fixture(scope="module")
+def small_flickr_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("flickr_scale")
+    flickr_scale.ensure(cache, SMALL_INDEX)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def tiny_searcher(tiny_run):
+    return Searcher(verify_artifacts(tiny_run))
+
+
+def test_flickr_scale_folder_is_a_verified_default_architecture_index(small_flickr_cache):
+    folder = flickr_scale.ensure(small_flickr_cache, SMALL_INDEX)  # reused, not rebuilt
+    loaded = verify_artifacts(folder)  # files, weights, shapes, unit norms, golden self-test
+    config = loaded.config
+    assert config.image_tower == "torchvision:efficientnet_b0" and config.embed_dim == 512
+    assert config.text_config["vocab_size"] == 30522 and config.text_config["num_hidden_layers"] == 12
+    assert config.text_config["hidden_size"] == 384
+    assert loaded.image_embeddings.shape == (SMALL_INDEX, 512)
+    assert loaded.text_embeddings.shape == (5 * SMALL_INDEX, 512)
+    sizes = [len(loaded.thumbnails[row]) for row in range(SMALL_INDEX)]
+    assert 8_000 < sum(sizes) / len(sizes) < 40_000  # photo-like: compresses like a 256 px photograph
+
+
+def test_the_full_scale_defaults_are_flickr30k():
+    assert flickr_scale.FLICKR_IMAGES == 31_783 and sum(flickr_scale.SPLIT_SIZES.values()) == 31_783
+
+
+def test_floor_finds_what_the_search_finds(tiny_searcher, tmp_path):
+    queries = make_queries(6, tmp_path)
+    floor, ours = Floor(tiny_searcher, queries), InProcess(tiny_searcher, queries)
+    for kind in KINDS:
+        for index in range(6):
+            assert getattr(floor, kind)(index) == getattr(ours, kind)(index), (kind, index)
+    # and both are the brute-force ranking
+    query = tiny_searcher.encode_text(tiny_searcher.text_query(queries.texts[0]))
+    reference = torch.argsort(tiny_searcher.image_embeddings @ query, descending=True)[: query_latency.K]
+    assert floor.text_to_image(0) == reference.tolist()
+
+
+def test_noop_twins_answer_with_the_shape_of_the_real_endpoints(tiny_run, tmp_path):
+    server = start_app(tiny_run, tmp_path / "noop.log", env=SUBPROCESS_ENV, entry=["-m", "benchmarks.noop_app"])
+    try:
+        client = Client(server.url, verbose=False)
+        endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        assert {f"/noop_{kind}" for kind in KINDS} <= set(endpoints)
+        queries = make_queries(1, tmp_path)
+        for kind in KINDS:
+            query = queries.texts[0] if kind == "text_to_image" else handle_file(queries.image_files[0])
+            real = client.predict(query, query_latency.K, api_name=f"/{kind}")
+            noop = client.predict(query, query_latency.K, api_name=f"/noop_{kind}")
+            assert len(noop[1]) == len(real[1]) == query_latency.K
+            assert set(noop[1][0]) == set(real[1][0])  # the same JSON fields
+            if kind == "image_to_text":
+                assert len(noop[0]["data"]) == len(real[0]["data"])  # the same table
+            else:
+                assert len(noop[0]) == len(real[0])  # as many gallery files to download
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=30)
+
+
+def test_script_prints_ratios_last_and_fails_a_missed_target(small_flickr_cache, monkeypatch, capsys):
+    monkeypatch.setattr(query_latency, "LATENCY_TARGET", 0.0)  # no search is faster than nothing
+    arguments = ["--cache", str(small_flickr_cache), "--images", str(SMALL_INDEX), "--queries", "3", "--startups", "1"]
+    assert query_latency.main(arguments) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("ratios: in-process text_to_image")
+    assert all(f"client {kind}" in lines[-1] for kind in KINDS) and "start-up extra s" in lines[-1]
+    assert any(line.startswith("MISSED in-process image_to_text") for line in lines)

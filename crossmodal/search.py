@@ -105,7 +105,7 @@ class Searcher:
         self.image_ids: list[str] = images.column("image_id").to_pylist()
         self.filenames: list[str] = images.column("filename").to_pylist()
         self.splits: list[str] = images.column("split").to_pylist()
-        self.thumbnails = artifacts.thumbnails  # memory-mapped: only the shown ones are ever read
+        self.thumbnails = artifacts.thumbnails  # Arrow row groups: bytes are copied out only for shown results
         self.captions: list[str] = captions.column("caption").to_pylist()
         self.caption_image: list[int] = captions.column("image_index").to_pylist()
         self.row_of_id = {image_id: row for row, image_id in enumerate(self.image_ids)}

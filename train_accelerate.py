@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from crossmodal.artifacts import Corpus, write_artifacts
 from crossmodal.config import DEFAULT_DATASET, IMAGE_TOWERS, PRESETS
 from crossmodal.data import BadDataError, DataSource, DataUnavailableError, SchemaError
+from crossmodal.export import Corpus, write_artifacts
 from crossmodal.indexing import encode_captions, encode_images
 from crossmodal.train import (
     TrainingAborted,

@@ -27,9 +27,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from crossmodal.artifacts import GOLDEN_CAPTIONS, ArtifactError, Corpus, golden_rows, verify_files, write_artifacts
+from crossmodal.artifacts import GOLDEN_CAPTIONS, ArtifactError, golden_rows, verify_files
 from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, PRESETS
 from crossmodal.data import image_bytes
+from crossmodal.export import Corpus, write_artifacts
 from crossmodal.images import decode_image
 from crossmodal.model import DualEncoder, build_model
 from crossmodal.preprocess import image_batch, tokenize

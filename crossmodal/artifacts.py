@@ -1,38 +1,26 @@
-"""The artifact folder of DESIGN 4.3: written once by training, verified and read by everything downstream.
+"""The artifact folder of DESIGN 4.3: its contract, and reading it back verified (fail closed).
 
-It is assembled in a temporary sibling folder and renamed into place, so a reader never sees half of one.
+crossmodal/export.py writes it; this side is all the app imports.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import platform
-import shutil
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
-from importlib.metadata import version
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from accelerate import init_empty_weights
-from PIL import Image
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file, save_model
-from tqdm.auto import tqdm
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from crossmodal.config import ModelConfig, TrainConfig
-from crossmodal.data import caption_table, image_bytes
+from crossmodal.config import ModelConfig
 from crossmodal.images import decode_image
-from crossmodal.integrity import DIGESTS, sha256_of
+from crossmodal.integrity import DIGESTS
 from crossmodal.model import DualEncoder, build_model
-from crossmodal.model_card import render_model_card
-from crossmodal.plots import plot_similarity, plot_training
 from crossmodal.preprocess import image_batch, tokenize
 from crossmodal.thumbnails import Thumbnails
 from crossmodal.tokenizer import load_tokenizer
@@ -64,79 +52,7 @@ class ArtifactError(RuntimeError):
     """The artifact folder is missing, incomplete or inconsistent; the message names the file and what is wrong."""
 
 
-@dataclass(frozen=True)
-class Corpus:
-    """Every image and caption of the dataset in artifact order: splits concatenated train, val, test."""
-
-    rows: datasets.Dataset  # one row per image (schema 4.1, images undecoded)
-    captions: list[str]
-    caption_image: list[int]  # row in ``rows`` of each caption
-
-    @classmethod
-    def from_splits(cls, splits: datasets.DatasetDict) -> Corpus:
-        rows = datasets.concatenate_datasets([splits[name] for name in ("train", "val", "test")])
-        captions, caption_image = caption_table(rows)
-        return cls(rows, captions, caption_image)
-
-
-# --- writing -----------------------------------------------------------------------------------------------------
-
-
-def _thumbnail(value: dict, size: int) -> bytes:
-    image = decode_image(image_bytes(value))
-    image.thumbnail((size, size), Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85, optimize=True)
-    return buffer.getvalue()
-
-
-def _write_tables(corpus: Corpus, folder: Path, thumbnail_size: int) -> list[bytes]:
-    images = corpus.rows.select_columns(["image"])
-    with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while decoding and encoding
-        thumbnails = list(
-            tqdm(
-                pool.map(lambda row: _thumbnail(row["image"], thumbnail_size), images),
-                total=len(images),
-                desc="Thumbnails",
-                leave=False,
-            )
-        )
-    image_table = pa.table(
-        {
-            "image_id": pa.array(corpus.rows["img_id"], pa.string()),
-            "filename": pa.array(corpus.rows["filename"], pa.string()),
-            "split": pa.array(corpus.rows["split"], pa.string()),
-            "thumbnail": pa.array(thumbnails, pa.binary()),
-        }
-    )
-    # Small row groups let a reader stream the thumbnails (crossmodal.thumbnails) without holding the whole column;
-    # JPEG bytes do not compress, so that column is stored as is and reads back as a plain copy.
-    pq.write_table(
-        image_table,
-        folder / "images.parquet",
-        row_group_size=THUMBNAIL_ROW_GROUP,
-        compression={"image_id": "snappy", "filename": "snappy", "split": "snappy", "thumbnail": "none"},
-        use_dictionary=["split"],
-    )
-    caption_table_ = pa.table(
-        {"caption": pa.array(corpus.captions, pa.string()), "image_index": pa.array(corpus.caption_image, pa.int32())}
-    )
-    pq.write_table(caption_table_, folder / "captions.parquet")
-    return thumbnails
-
-
-def _write_plots(folder: Path, history, loss_log, corpus: Corpus, image_emb: torch.Tensor, text_emb: torch.Tensor):
-    plots = folder / "plots"
-    plots.mkdir()
-    plot_training(history, loss_log, plots / "training_curves.png")
-    test_rows = [index for index, split in enumerate(corpus.rows["split"]) if split == "test"][:HEATMAP_PAIRS]
-    first_caption = {}
-    for caption_index, image_index in enumerate(corpus.caption_image):
-        first_caption.setdefault(image_index, caption_index)
-    caption_rows = [first_caption[row] for row in test_rows]
-    similarity = text_emb[caption_rows] @ image_emb[test_rows].T  # [n captions, n images]
-    pictures = [decode_image(image_bytes(corpus.rows[row]["image"])) for row in test_rows]
-    plot_similarity(similarity, pictures, [corpus.captions[i] for i in caption_rows], plots / "test_similarity.png")
+# --- shared with the writer (crossmodal/export.py) --------------------------------------------------
 
 
 def golden_rows(num_rows: int, count: int = GOLDEN_IMAGES) -> list[int]:
@@ -151,94 +67,6 @@ def _encode_thumbnails(model: DualEncoder, thumbnails: list[bytes]) -> torch.Ten
     with torch.inference_mode():
         batch = image_batch([decode_image(data) for data in thumbnails], model.config)
         return model.encode_image(batch.to(next(model.parameters()).device)).float().cpu()
-
-
-def _golden_record(model: DualEncoder, thumbnails: list[bytes], image_embeddings: torch.Tensor) -> dict[str, Any]:
-    """What the self-test re-derives at load: thumbnail embeddings, and how close each is to its indexed embedding.
-
-    Thumbnails are smaller than the originals, so the second number is below 1 and recorded rather than assumed.
-    """
-    rows = golden_rows(len(thumbnails))
-    embeddings = _encode_thumbnails(model, [thumbnails[row] for row in rows])
-    return {
-        "image_rows": rows,
-        "thumbnail_embeddings": embeddings.tolist(),
-        "cosine_to_index": (embeddings * image_embeddings[rows].float()).sum(dim=1).tolist(),
-    }
-
-
-def _manifest(
-    folder: Path, corpus: Corpus, dataset: dict[str, str | None], model: DualEncoder, golden: dict[str, Any]
-) -> dict[str, Any]:
-    files = {
-        path.relative_to(folder).as_posix(): {"sha256": sha256_of(path), "size": path.stat().st_size}
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != "manifest.json"
-    }
-    tensors = {}
-    for name in ("image_embeddings.safetensors", "text_embeddings.safetensors"):
-        with safe_open(folder / name, framework="pt") as handle:
-            tensors[name] = {"embeddings": list(handle.get_slice("embeddings").get_shape())}
-    splits = corpus.rows["split"]
-    return {
-        "format_version": FORMAT_VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "files": files,
-        "tensors": tensors,
-        "counts": {
-            "images": len(corpus.rows),
-            "captions": len(corpus.captions),
-            "images_per_split": {name: splits.count(name) for name in ("train", "val", "test")},
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
-        "dataset": dataset,
-        "golden": golden,
-        "versions": {
-            "python": platform.python_version(),
-            **{name: version(name) for name in ("torch", "torchvision", "transformers", "safetensors", "datasets")},
-        },
-    }
-
-
-def write_artifacts(
-    folder: Path,
-    *,
-    model: DualEncoder,
-    tokenizer,
-    train_config: TrainConfig,
-    corpus: Corpus,
-    image_embeddings: torch.Tensor,
-    text_embeddings: torch.Tensor,
-    metrics: dict[str, dict[str, float]],
-    history: list[dict[str, Any]],
-    loss_log: list[tuple[int, float]],
-    dataset: dict[str, str | None],
-) -> Path:
-    """Write the whole folder next to ``folder``, then swap it into place; returns ``folder``."""
-    if image_embeddings.shape[0] != len(corpus.rows) or text_embeddings.shape[0] != len(corpus.captions):
-        raise ArtifactError(
-            f"embeddings {tuple(image_embeddings.shape)} / {tuple(text_embeddings.shape)} do not match "
-            f"{len(corpus.rows)} images / {len(corpus.captions)} captions"
-        )
-    staging = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    config = {"format_version": FORMAT_VERSION, "model": asdict(model.config), "training": asdict(train_config)}
-    (staging / "config.json").write_text(json.dumps(config, indent=2))
-    save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(staging / "tokenizer")
-    save_file({"embeddings": image_embeddings.float().contiguous()}, staging / "image_embeddings.safetensors")
-    save_file({"embeddings": text_embeddings.float().contiguous()}, staging / "text_embeddings.safetensors")
-    thumbnails = _write_tables(corpus, staging, train_config.thumbnail_size)
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _write_plots(staging, history, loss_log, corpus, image_embeddings, text_embeddings)
-    (staging / "README.md").write_text(render_model_card(model.config, train_config, metrics, dataset))
-    golden = _golden_record(model, thumbnails, image_embeddings)
-    manifest = _manifest(staging, corpus, dataset, model, golden)
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    return folder
 
 
 # --- reading: fail closed -----------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from crossmodal.artifacts import ArtifactError, LoadedArtifacts, sha256_of, verify_artifacts
+from crossmodal.artifacts import ArtifactError, LoadedArtifacts, verify_artifacts
+from crossmodal.integrity import sha256_of
 from crossmodal.model import build_model
 
 

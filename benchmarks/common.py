@@ -66,13 +66,21 @@ def random_model(config: ModelConfig, rows: datasets.Dataset) -> tuple[DualEncod
     return model, config, tokenizer
 
 
+def percentile(values: list[float], fraction: float) -> float:
+    """The value below which ``fraction`` of ``values`` lie (nearest rank; p50 of an even count is the upper middle)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, so a clock reads the work done and not only the work launched."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def seconds(run: Callable[[], object], device: torch.device) -> float:
+def seconds(run: Callable[[], object], device: torch.device | None = None) -> float:
+    """Wall-clock seconds of ``run()``, with the device's queued work finished at both ends."""
+    device = device or torch.device("cpu")
     synchronize(device)
     started = time.perf_counter()
     run()

@@ -15,7 +15,6 @@ on the weights. Three shortcuts keep the build to minutes on 2 cores, and none c
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import sys
@@ -27,23 +26,21 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from benchmarks.common import FLICKR30K_IMAGES, FLICKR_SIZE, random_model
 from crossmodal.artifacts import GOLDEN_CAPTIONS, ArtifactError, golden_rows, verify_files
-from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, PRESETS
+from crossmodal.config import PRESETS
 from crossmodal.data import image_bytes
 from crossmodal.export import Corpus, write_artifacts
 from crossmodal.images import decode_image
-from crossmodal.model import DualEncoder, build_model
+from crossmodal.model import DualEncoder
 from crossmodal.preprocess import image_batch, tokenize
 from crossmodal.synthetic import FEATURES, sample_captions
-from crossmodal.tokenizer import fit_wordpiece
 
-FLICKR_IMAGES = 31_783
 SPLIT_SIZES = {"train": 29_769, "val": 1_014, "test": 1_000}  # Karpathy's val and test; the rest trains
 THUMBNAIL_SIZE = (256, 192)
-QUERY_SIZE = (500, 375)  # Flickr30k's typical photo
 _NOISE_STD = 16.0  # pixel noise that makes a 256 px JPEG as large as one of a real photo (~16 KB at quality 85)
 _CALIBRATION_IMAGES = 32
-_BUILD_VERSION = 3  # bump when the folder this writes changes, so cached folders are rebuilt
+_BUILD_VERSION = 4  # bump when the folder this writes changes, so cached folders are rebuilt
 
 
 class PhotoMaker:
@@ -68,7 +65,7 @@ class PhotoMaker:
 
 
 def _corpus(num_images: int, seed: int) -> Corpus:
-    scale = num_images / FLICKR_IMAGES
+    scale = num_images / FLICKR30K_IMAGES
     sizes = {name: max(1, round(count * scale)) for name, count in SPLIT_SIZES.items()}
     sizes["train"] = num_images - sizes["val"] - sizes["test"]
     photos = PhotoMaker(seed)
@@ -96,11 +93,12 @@ def _calibrate_batch_norm(model: DualEncoder, thumbnails: list[bytes]) -> None:
     With its initial statistics (mean 0, variance 1) a random EfficientNet-B0's features shrink to ~1e-13 by the last
     stage, below ``F.normalize``'s epsilon: the embeddings would not be unit vectors and the folder would not verify.
     """
+    model.eval()  # dropout and stochastic depth off: only the statistics are being estimated
     for module in model.image_tower.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.reset_running_stats()
             module.momentum = None  # a plain average over the calibration batch
-    model.train()
+            module.train()
     with torch.no_grad():
         model.encode_image(image_batch([decode_image(data) for data in thumbnails], model.config))
     model.eval()
@@ -110,16 +108,11 @@ def _random_unit(rows: int, width: int, generator: torch.Generator) -> torch.Ten
     return torch.nn.functional.normalize(torch.randn(rows, width, generator=generator), dim=1)
 
 
-def build(folder: Path, num_images: int = FLICKR_IMAGES, seed: int = 0) -> Path:
+def build(folder: Path, num_images: int = FLICKR30K_IMAGES, seed: int = 0) -> Path:
     """Write the artifact folder (see the module docstring); returns ``folder``."""
     preset = PRESETS["flickr30k"]
     corpus = _corpus(num_images, seed)
-    tokenizer = fit_wordpiece(corpus.captions, vocab_size=30_522, max_length=preset.model.max_text_length)
-    # The real tower's full vocabulary, so the weights are as large as MiniLM-L12's; the fitted pieces use a few.
-    text_config = {**KNOWN_TEXT_ARCHITECTURES[preset.model.text_tower], "pad_token_id": tokenizer.pad_token_id}
-    model_config = dataclasses.replace(preset.model, init="random", text_config=text_config)
-    torch.manual_seed(seed)
-    model, model_config = build_model(model_config, tokenizer, pretrained=False)
+    model, model_config, tokenizer = random_model(preset.model, corpus.rows)  # MiniLM's full 30,522-piece vocabulary
     _calibrate_batch_norm(model, [image_bytes(corpus.rows[row]["image"]) for row in range(_CALIBRATION_IMAGES)])
     generator = torch.Generator().manual_seed(seed)
     width = model_config.embed_dim
@@ -148,7 +141,7 @@ def build(folder: Path, num_images: int = FLICKR_IMAGES, seed: int = 0) -> Path:
     )
 
 
-def ensure(cache: Path, num_images: int = FLICKR_IMAGES, seed: int = 0) -> Path:
+def ensure(cache: Path, num_images: int = FLICKR30K_IMAGES, seed: int = 0) -> Path:
     """The folder for these settings under ``cache``: reused if it verifies, built (again) otherwise."""
     folder = Path(cache) / f"flickr-scale-{num_images}-seed{seed}-v{_BUILD_VERSION}"
     try:
@@ -161,13 +154,13 @@ def ensure(cache: Path, num_images: int = FLICKR_IMAGES, seed: int = 0) -> Path:
 def query_images(count: int, seed: int = 1) -> list[bytes]:
     """``count`` distinct 500x375 photo-like JPEGs to search with."""
     photos = PhotoMaker(seed)
-    return [photos.jpeg(QUERY_SIZE, quality=95) for _ in range(count)]
+    return [photos.jpeg(FLICKR_SIZE, quality=95) for _ in range(count)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(".cache/benchmarks"), help="cache folder")
-    parser.add_argument("--images", type=int, default=FLICKR_IMAGES)
+    parser.add_argument("--images", type=int, default=FLICKR30K_IMAGES)
     args = parser.parse_args(argv)
     folder = ensure(args.out, args.images)
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from gradio_client import Client, handle_file
 
-from benchmarks.timing import percentile
+from benchmarks.common import percentile
 from tests.live_server import start_app
 
 KINDS = ("/text_to_image", "/image_to_text", "/image_to_image")

@@ -37,7 +37,7 @@ import torch
 from gradio_client import Client, handle_file
 
 from benchmarks import flickr_scale
-from benchmarks.timing import percentile, seconds
+from benchmarks.common import FLICKR30K_IMAGES, percentile, seconds
 from crossmodal.artifacts import verify_artifacts
 from crossmodal.images import decode_image
 from crossmodal.preprocess import image_batch, tokenize
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=50, help="timed queries of each kind")
     parser.add_argument("--startups", type=int, default=3, help="app starts timed (the median counts)")
     parser.add_argument("--cache", type=Path, default=Path(".cache/benchmarks"))
-    parser.add_argument("--images", type=int, default=flickr_scale.FLICKR_IMAGES, help="index size (fewer: a dry run)")
+    parser.add_argument("--images", type=int, default=FLICKR30K_IMAGES, help="index size (fewer: a dry run)")
     args = parser.parse_args(argv)
 
     folder = flickr_scale.ensure(args.cache, args.images)

@@ -12,6 +12,7 @@ import torch
 from gradio_client import Client, handle_file
 
 from benchmarks import flickr_scale, query_latency
+from benchmarks.common import FLICKR30K_IMAGES
 from benchmarks.query_latency import KINDS, Floor, InProcess, make_queries
 from crossmodal.artifacts import verify_artifacts
 from crossmodal.search import Searcher
@@ -47,7 +48,7 @@ def test_flickr_scale_folder_is_a_verified_default_architecture_index(small_flic
 
 
 def test_the_full_scale_defaults_are_flickr30k():
-    assert flickr_scale.FLICKR_IMAGES == 31_783 and sum(flickr_scale.SPLIT_SIZES.values()) == 31_783
+    assert FLICKR30K_IMAGES == 31_783 and sum(flickr_scale.SPLIT_SIZES.values()) == 31_783
 
 
 def test_floor_finds_what_the_search_finds(tiny_searcher, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import platform
@@ -16,7 +17,7 @@ import datasets
 import torch
 
 from crossmodal import synthetic
-from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, ModelConfig
+from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, PRESETS, ModelConfig
 from crossmodal.data import DataSource, caption_table, load_splits
 from crossmodal.model import DualEncoder, build_model
 from crossmodal.tokenizer import fit_wordpiece
@@ -37,6 +38,18 @@ def machine_line(device: torch.device) -> str:
 
 def command_line(module: str, argv: list[str] | None) -> str:
     return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def throughput_parser(description: str) -> argparse.ArgumentParser:
+    """The flags both throughput benchmarks share; each adds its batch size, counts and corpus-level target."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="flickr30k")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="bf16")
+    parser.add_argument("--rounds", type=int, default=3, help="floor and measured rounds, alternating")
+    parser.add_argument("--num-workers", type=int, default=None, help="default: as train_accelerate.py")
+    parser.add_argument("--decode-on-device", action="store_true", help="JPEG decode on the device (nvjpeg)")
+    parser.add_argument("--target-ratio", type=float, default=0.85, help="measured / floor must reach this")
+    return parser
 
 
 def flickr_size_rows(num_rows: int, workdir: Path, unique: int = 128) -> datasets.Dataset:
@@ -86,6 +99,27 @@ def seconds(run: Callable[[], object], device: torch.device | None = None) -> fl
     run()
     synchronize(device)
     return time.perf_counter() - started
+
+
+def one_core_seconds(make: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of ``repeats`` runs of ``make()`` on one torch thread, as a loader worker runs (after a warm-up)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        make()
+        return min(seconds(make) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def data_path_line(device: torch.device, name: str, data_seconds: float, floor_seconds: float) -> str:
+    """What the data path costs next to the compute it must hide behind, and, when no core is left over for the
+    loader workers (a CPU run with a compute thread on every core), the best ratio those cores allow."""
+    line = f"data path alone ({name}, one core): {data_seconds:.3f} s, {data_seconds / floor_seconds:.0%} of the floor"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if device.type == "cpu" and torch.get_num_threads() >= cores:
+        line += f"; no spare core, so at best {floor_seconds / (floor_seconds + data_seconds):.2f} of floor here"
+    return line
 
 
 @dataclass(frozen=True)

@@ -32,17 +32,21 @@ from benchmarks.common import (
     FLICKR30K_IMAGES,
     Target,
     command_line,
+    data_path_line,
     flickr_size_rows,
     machine_line,
+    one_core_seconds,
     random_model,
     seconds,
+    throughput_parser,
 )
+from crossmodal.augment import collate_images
 from crossmodal.config import PRESETS
-from crossmodal.data import caption_table, image_bytes
+from crossmodal.data import EvalImages, caption_table, image_bytes
 from crossmodal.images import decode_image
 from crossmodal.indexing import CaptionBatcher, encode_captions, encode_images
 from crossmodal.model import DualEncoder
-from crossmodal.preprocess import image_batch
+from crossmodal.preprocess import image_batch, image_transform
 from crossmodal.train import loader_workers, make_accelerator
 
 
@@ -90,6 +94,22 @@ class IndexBench:
             batches.append({key: value.to(self.accelerator.device) for key, value in tokens.items()})
         return batches
 
+    # --- the data path alone, on one core ---
+
+    def data_path_images(self) -> float:
+        """Seconds one core takes to decode and eval-preprocess every image, as a loader worker does (from the
+        first batch, scaled to all)."""
+        dataset = EvalImages(self.rows, image_transform(self.model.config, train=False), self.decode_on_device)
+        first = range(min(self.batch_size, len(dataset)))
+        return one_core_seconds(lambda: collate_images([dataset[i] for i in first])) * len(dataset) / len(first)
+
+    def data_path_captions(self) -> float:
+        """Seconds one core takes to tokenize every caption batch."""
+        batcher, size = CaptionBatcher(self.tokenizer, self.model.config), self.batch_size
+        return one_core_seconds(
+            lambda: [batcher(self.captions[i : i + size]) for i in range(0, len(self.captions), size)]
+        )
+
     def floor_images(self, batches: list[torch.Tensor]) -> torch.Tensor:
         with torch.inference_mode(), self.accelerator.autocast():
             return torch.cat([self.model.encode_image(pixels).float() for pixels in batches])
@@ -122,15 +142,9 @@ def build_index_bench(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="flickr30k")
+    parser = throughput_parser(__doc__)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's eval batch (256 / 128)")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="bf16")
     parser.add_argument("--images", type=int, default=2560, help="images per round (5 captions each)")
-    parser.add_argument("--rounds", type=int, default=3, help="floor and real rounds, alternating")
-    parser.add_argument("--num-workers", type=int, default=None, help="default: as train_accelerate.py")
-    parser.add_argument("--decode-on-device", action="store_true", help="JPEG decode on the device (nvjpeg)")
-    parser.add_argument("--target-ratio", type=float, default=0.85, help="real / floor must reach this, both towers")
     parser.add_argument("--target-corpus-seconds", type=float, default=60.0, help="on CUDA with flickr30k only")
     return parser.parse_args(argv)
 
@@ -154,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         times["real images"].append(seconds(bench.real_images, device))
         times["floor captions"].append(seconds(lambda: bench.floor_captions(caption_batches), device))
         times["real captions"].append(seconds(bench.real_captions, device))
+    data_path = {"images": bench.data_path_images(), "captions": bench.data_path_captions()}
     counts = {"images": len(bench.rows), "captions": len(bench.captions)}
     rates = {name: counts[name.split()[1]] / statistics.median(values) for name, values in times.items()}
     projected = FLICKR30K_IMAGES / rates["real images"] + FLICKR30K_CAPTIONS / rates["real captions"]
@@ -171,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'measure':<16} {'seconds':>8} {'items/s':>9}")
     for name, values in times.items():
         print(f"{name:<16} {statistics.median(values):>8.3f} {rates[name]:>9.1f}")
+    for kind, data_seconds in data_path.items():
+        print(data_path_line(device, f"all {kind}", data_seconds, statistics.median(times[f"floor {kind}"])))
     corpus = f"projected Flickr30k corpus (31,783 images + 158,915 captions): {projected:,.1f} s"
     targets = []
     if device.type == "cuda" and args.preset == "flickr30k":

@@ -4,7 +4,7 @@
 
 run:   `accelerate launch train_accelerate.py --preset tiny` on the generated dataset (1000/100/100 images), exactly
        as scripts/demo.sh runs it: data checks, the preset's epochs with validation, test, embeddings, artifacts.
-floor: the same number of optimizer steps of the tiny model on one batch already in memory (bare compute).
+floor: the same number of optimizer steps of the tiny model on batches already in memory (bare compute).
 The ratio says how much the data path, evaluation, start-up and artifact writing add on top of the arithmetic.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.train_throughput import (  # the same floor as the throughput benchmark
-    batch_on_device,
+    batches_on_device,
     build_bench,
     floor_seconds,
 )
@@ -59,9 +59,9 @@ def main() -> int:
     peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # largest child: the trainer
 
     steps = preset.epochs * (1000 // preset.batch_size)
-    bench = build_bench("tiny", preset.batch_size, batches=2, num_workers=0, mixed_precision="no")
-    fixed = batch_on_device(bench)
-    step_seconds = statistics.median(floor_seconds(bench, fixed, steps=5, warmup=1) for _ in range(4))
+    bench = build_bench("tiny", preset.batch_size, batches=5, num_workers=0, mixed_precision="no")
+    ready = batches_on_device(bench, 5)
+    step_seconds = statistics.median(floor_seconds(bench, ready, steps=5, warmup=1) for _ in range(4))
     floor = steps * step_seconds
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")

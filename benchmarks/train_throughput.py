@@ -4,7 +4,7 @@
     python -m benchmarks.train_throughput --preset flickr30k --batch-size 32 --mixed-precision no   # CPU
     python -m benchmarks.train_throughput --preset tiny --batch-size 64 --mixed-precision no
 
-floor:      forward + backward + AdamW step on one batch already on the device (no data path at all)
+floor:      forward + backward + AdamW step on batches already on the device (no data path at all)
 end-to-end: the real data path (500x375 JPEG bytes -> decode -> seeded crop -> tokenize, in loader workers, or on the
             device with --decode-on-device) feeding the same step through Accelerate, as train.py runs it
 Rounds alternate floor and end-to-end, so a machine busy with something else slows both alike; each end-to-end round
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import statistics
 import sys
 import tempfile
@@ -28,7 +29,17 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from benchmarks.common import Target, command_line, flickr_size_rows, machine_line, random_model, seconds
+from benchmarks.common import (
+    Target,
+    command_line,
+    data_path_line,
+    flickr_size_rows,
+    machine_line,
+    one_core_seconds,
+    random_model,
+    seconds,
+    throughput_parser,
+)
 from crossmodal.augment import TrainAugment
 from crossmodal.config import PRESETS
 from crossmodal.data import TrainPairs
@@ -80,9 +91,14 @@ def build_bench(
     *,
     decode_on_device: bool = False,
     compile_model: bool = False,
+    cuda_options: bool | None = None,
     workdir: Path | None = None,
 ) -> Bench:
-    """The preset's architecture (random init), AdamW and train.py's loader over ``batches`` global batches."""
+    """The preset's architecture (random init), AdamW and train.py's loader over ``batches`` global batches.
+
+    ``cuda_options``: fused AdamW and channels_last inputs, as train.py uses them on CUDA (default: on CUDA only);
+    the tests turn them on for CPU, so those branches run without a GPU.
+    """
     preset = PRESETS[preset_name]
     workdir = workdir or Path(tempfile.mkdtemp(prefix="crossmodal-bench-"))
     train_config = dataclasses.replace(preset.train, batch_size=batch_size, decode_on_device=decode_on_device)
@@ -92,15 +108,15 @@ def build_bench(
     workers = loader_workers(preset.train.num_workers if num_workers is None else num_workers, 1)
     rows = flickr_size_rows(batch_size * batches, workdir)
     model, model_config, tokenizer = random_model(preset.model, rows)
-    on_cuda = accelerator.device.type == "cuda"
-    optimizer = make_optimizer(model, train_config, fused=on_cuda)
+    cuda_like = accelerator.device.type == "cuda" if cuda_options is None else cuda_options
+    optimizer = make_optimizer(model, train_config, fused=cuda_like)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     augment = TrainAugment(model_config)
     dataset = TrainPairs(rows, augment, train_config.seed, decode_on_device=decode_on_device)
     loader = make_train_loader(dataset, tokenizer, model_config, train_config, workers)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     model.train()
-    device_batch = DeviceBatch(augment, accelerator.device, channels_last=on_cuda)
+    device_batch = DeviceBatch(augment, accelerator.device, channels_last=cuda_like)
     return Bench(
         accelerator, model, optimizer, scheduler, loader, device_batch, train_config.max_grad_norm, workers,
         model_config, decode_on_device,
@@ -113,14 +129,26 @@ def seconds_per_step(run_step, steps: int, warmup: int, device: torch.device) ->
     return seconds(lambda: [run_step() for _ in range(steps)], device) / steps
 
 
-def batch_on_device(bench: Bench) -> dict[str, torch.Tensor]:
-    """The floor's batch: the loader's first, decoded, on the device, ready for the model."""
-    return bench.device_batch(next(iter(bench.loader)))
+def batches_on_device(bench: Bench, count: int) -> list[dict[str, torch.Tensor]]:
+    """The floor's batches: the loader's first ``count`` of epoch 0, decoded, on the device, ready for the model.
+
+    Several, not one batch repeated: captions are padded to the longest in their batch, so one batch's text tower
+    cost is not every batch's.
+    """
+    bench.loader.set_epoch(0)
+    return [bench.device_batch(batch) for batch, _ in zip(bench.loader, range(count), strict=False)]
 
 
-def floor_seconds(bench: Bench, batch: dict[str, torch.Tensor], steps: int, warmup: int) -> float:
-    """Seconds per step of the same training step on one batch that is already on the device."""
-    return seconds_per_step(lambda: bench.step(batch), steps, warmup, bench.accelerator.device)
+def floor_seconds(bench: Bench, batches: list[dict[str, torch.Tensor]], steps: int, warmup: int) -> float:
+    """Seconds per step of the same training step on batches that are already on the device (taken in turn)."""
+    ready = itertools.cycle(batches)
+    return seconds_per_step(lambda: bench.step(next(ready)), steps, warmup, bench.accelerator.device)
+
+
+def data_path_seconds(bench: Bench, batch_size: int) -> float:
+    """Seconds one core takes to make one global batch as the loader workers do (decode, crop, tokenize, collate)."""
+    dataset, collate = bench.loader.dataset, bench.loader.collate_fn
+    return one_core_seconds(lambda: collate([dataset[index] for index in range(batch_size)]))
 
 
 def end_to_end_seconds(bench: Bench, steps: int, warmup: int, epoch: int) -> float:
@@ -134,17 +162,11 @@ def end_to_end_seconds(bench: Bench, steps: int, warmup: int, epoch: int) -> flo
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="flickr30k")
+    parser = throughput_parser(__doc__)
     parser.add_argument("--batch-size", type=int, default=256, help="global batch (default: the recipe's 256)")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="bf16")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round (plus the queued batches)")
-    parser.add_argument("--rounds", type=int, default=3, help="floor and end-to-end rounds, alternating")
-    parser.add_argument("--num-workers", type=int, default=None, help="default: as train.py (the preset's or auto)")
-    parser.add_argument("--decode-on-device", action="store_true", help="JPEG decode + crop on the device (nvjpeg)")
     parser.add_argument("--compile", action="store_true", help="torch.compile via Accelerate's dynamo_backend")
-    parser.add_argument("--target-ratio", type=float, default=0.85, help="end-to-end / floor must reach this")
     parser.add_argument("--target-pairs-per-s", type=float, default=3000.0, help="on CUDA with flickr30k only")
     return parser.parse_args(argv)
 
@@ -163,11 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     device = bench.accelerator.device
 
     # 2. Alternating rounds.
-    fixed = batch_on_device(bench)
+    ready = batches_on_device(bench, args.steps)
     floor, end_to_end = [], []
     for round_ in range(args.rounds):
-        floor.append(floor_seconds(bench, fixed, args.steps, args.warmup))
+        floor.append(floor_seconds(bench, ready, args.steps, args.warmup))
         end_to_end.append(end_to_end_seconds(bench, args.steps, args.warmup, epoch=round_))
+    data_path = data_path_seconds(bench, args.batch_size)
     floor_rate = args.batch_size / statistics.median(floor)
     e2e_rate = args.batch_size / statistics.median(end_to_end)
 
@@ -186,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'measure':<12} {'s/step':>8} {'pairs/s':>9}")
     print(f"{'floor':<12} {statistics.median(floor):>8.3f} {floor_rate:>9.1f}")
     print(f"{'end-to-end':<12} {statistics.median(end_to_end):>8.3f} {e2e_rate:>9.1f}")
+    print(data_path_line(device, "a batch", data_path, statistics.median(floor)))
     targets = [Target("ratio end-to-end / floor:", e2e_rate / floor_rate, args.target_ratio)]
     if on_cuda and args.preset == "flickr30k":
         rate = Target("end-to-end pairs/s:", e2e_rate, args.target_pairs_per_s)

@@ -88,8 +88,10 @@ def test_noop_twins_answer_with_the_shape_of_the_real_endpoints(tiny_run, tmp_pa
 def test_script_prints_ratios_last_and_fails_a_missed_target(small_flickr_cache, monkeypatch, capsys):
     monkeypatch.setattr(query_latency, "LATENCY_TARGET", 0.0)  # no search is faster than nothing
     arguments = ["--cache", str(small_flickr_cache), "--images", str(SMALL_INDEX), "--queries", "3", "--startups", "1"]
+    arguments += ["--client-queries", "3"]
     assert query_latency.main(arguments) == 1
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("ratios: in-process text_to_image")
-    assert all(f"client {kind}" in lines[-1] for kind in KINDS) and "start-up extra s" in lines[-1]
+    assert all(f"{flavour} {kind}" in lines[-1] for flavour in query_latency.CLIENTS for kind in KINDS)
+    assert "start-up extra s" in lines[-1]
     assert any(line.startswith("MISSED in-process image_to_text") for line in lines)

@@ -43,10 +43,9 @@ from benchmarks.common import (
 from crossmodal.augment import collate_images
 from crossmodal.config import PRESETS
 from crossmodal.data import EvalImages, caption_table, image_bytes
-from crossmodal.images import decode_image
 from crossmodal.indexing import CaptionBatcher, encode_captions, encode_images
 from crossmodal.model import DualEncoder
-from crossmodal.preprocess import image_batch, image_transform
+from crossmodal.preprocess import decode_for_eval, image_batch
 from crossmodal.train import loader_workers, make_accelerator
 
 
@@ -81,7 +80,8 @@ class IndexBench:
         batches = []
         for start in range(0, len(self.rows), self.batch_size):
             values = self.rows[start : start + self.batch_size]["image"]
-            pixels = image_batch([decode_image(image_bytes(value)) for value in values], self.model.config)
+            images = [decode_for_eval(image_bytes(value), self.model.config) for value in values]
+            pixels = image_batch(images, self.model.config)
             batches.append(pixels.to(self.accelerator.device).contiguous(memory_format=layout))
         return batches
 
@@ -99,7 +99,7 @@ class IndexBench:
     def data_path_images(self) -> float:
         """Seconds one core takes to decode and eval-preprocess every image, as a loader worker does (from the
         first batch, scaled to all)."""
-        dataset = EvalImages(self.rows, image_transform(self.model.config, train=False), self.decode_on_device)
+        dataset = EvalImages(self.rows, self.model.config, self.decode_on_device)
         first = range(min(self.batch_size, len(dataset)))
         return one_core_seconds(lambda: collate_images([dataset[i] for i in first])) * len(dataset) / len(first)
 

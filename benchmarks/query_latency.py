@@ -8,7 +8,8 @@ captions, 512-d). Queries: generated captions of Flickr length for text -> image
 image -> text and image -> image, k = 10.
 
 in-process  ``Searcher`` (what each endpoint calls) vs the floor: the bare tower forward on an already-preprocessed
-            input plus a bare ``topk`` over the same embedding matrix. Target: p50 <= 1.25 x floor p50.
+            input plus a bare ``topk`` over the same embedding matrix. Target: p50 <= 1.25 x floor p50. A row for
+            12 MP phone uploads (image -> text) follows, as context without a target.
 client      ``gradio_client`` against the launched app (``benchmarks.noop_app``: app.py plus no-op twins of its
             endpoints that return a same-sized answer without searching). Target: p50 <= no-op p50 + 1.25 x floor.
             Two clients: the default one, which downloads every gallery file (each through a new HTTP client, so
@@ -42,8 +43,7 @@ from gradio_client import Client, handle_file
 from benchmarks import flickr_scale
 from benchmarks.common import FLICKR30K_IMAGES, percentile, seconds
 from crossmodal.artifacts import verify_artifacts
-from crossmodal.images import decode_image
-from crossmodal.preprocess import image_batch, tokenize
+from crossmodal.preprocess import decode_for_eval, image_batch, tokenize
 from crossmodal.search import Searcher
 from crossmodal.synthetic import sample_captions
 from tests.live_server import free_port, start_app
@@ -53,6 +53,8 @@ LATENCY_TARGET = 1.25  # x floor
 STARTUP_SECONDS = 5.0  # over the bare import
 STARTUP_RSS_MB = 1536.0  # over the bare import's
 KINDS = ("text_to_image", "image_to_text", "image_to_image")
+PHONE_UPLOADS = 5  # distinct 12 MP JPEGs, taken in turn
+PHONE = "x".join(map(str, flickr_scale.PHONE_SIZE))
 DEPENDENCIES = "gradio, torch, torchvision, transformers, safetensors, huggingface_hub, pyarrow.parquet, PIL.Image"
 
 
@@ -84,7 +86,7 @@ class Floor:
         self.searcher = searcher
         config, tokenizer = searcher.config, searcher.tokenizer
         self.tokens = [tokenize(tokenizer, [text], config) for text in queries.texts]
-        self.pixels = [image_batch([decode_image(data)], config) for data in queries.images]
+        self.pixels = [image_batch([decode_for_eval(data, config)], config) for data in queries.images]
 
     @staticmethod
     def _top(matrix: torch.Tensor, query: torch.Tensor) -> list[int]:
@@ -116,7 +118,10 @@ class InProcess:
         return [hit.image_index for hit in self.searcher.text_to_image(query, K)]
 
     def image_to_text(self, index: int) -> list[int]:
-        return [hit.caption_index for hit in self.searcher.image_to_text(self.queries.images[index], K)]
+        return self.image_to_text_bytes(self.queries.images[index])
+
+    def image_to_text_bytes(self, data: bytes) -> list[int]:
+        return [hit.caption_index for hit in self.searcher.image_to_text(data, K)]
 
     def image_to_image(self, index: int) -> list[int]:
         return [hit.image_index for hit in self.searcher.image_to_image(self.queries.images[index], K)]
@@ -146,6 +151,13 @@ class ThroughClient:
 
     def image_to_image(self, index: int):
         return self._call("image_to_image", index)
+
+
+def phone_uploads(ours: InProcess, floor: Floor, count: int) -> tuple[list[float], list[float]]:
+    """Context, no target: image -> text from 12 MP phone JPEGs against the same floor. Decoding them is the
+    difference, which JPEG DCT scaling (``preprocess.decode_for_eval``) keeps to a fraction of a full decode."""
+    phone = flickr_scale.phone_images(PHONE_UPLOADS)
+    return alternate(lambda index: ours.image_to_text_bytes(phone[index % len(phone)]), floor.image_to_text, count)
 
 
 def alternate(ours: Callable[[int], object], floor: Callable[[int], object], count: int, warmup: int = 3):
@@ -255,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_row(f"in-process {kind}", timed, percentile(floors[kind], 0.5)))
         if ratio > LATENCY_TARGET:
             missed.append(f"in-process {kind}: {ratio:.2f} x floor > {LATENCY_TARGET}")
+    timed, floor_again = phone_uploads(ours, floor, args.queries)
+    print(_row(f"in-process image_to_text, {PHONE} upload", timed, percentile(floor_again, 0.5)) + " (context)")
     del searcher, floor, ours  # the server below gets the memory and both cores
 
     server = start_app(folder, workdir / "noop_app.log", entry=["-m", "benchmarks.noop_app"])

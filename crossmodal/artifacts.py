@@ -18,10 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from crossmodal.config import ModelConfig
-from crossmodal.images import decode_image
 from crossmodal.integrity import DIGESTS
 from crossmodal.model import DualEncoder, build_model
-from crossmodal.preprocess import image_batch, tokenize
+from crossmodal.preprocess import decode_for_eval, image_batch, tokenize
 from crossmodal.thumbnails import Thumbnails
 from crossmodal.tokenizer import load_tokenizer
 
@@ -65,7 +64,7 @@ def _encode_thumbnails(model: DualEncoder, thumbnails: list[bytes]) -> torch.Ten
     """The serving path: decode the stored thumbnail, eval preprocessing, image encoder."""
     model.eval()
     with torch.inference_mode():
-        batch = image_batch([decode_image(data) for data in thumbnails], model.config)
+        batch = image_batch([decode_for_eval(data, model.config) for data in thumbnails], model.config)
         return model.encode_image(batch.to(next(model.parameters()).device)).float().cpu()
 
 

@@ -25,14 +25,11 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from crossmodal.config import ModelConfig
-from crossmodal.images import decode_image
+from crossmodal.images import REDUCING_GAP, decode_image, draft_reduces
 
 # image_transform's RandomResizedCrop: a mild crop and torchvision's default aspect ratios.
 CROP_SCALE = (0.8, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
-# Pillow's own rule for draft-then-resize (Image.thumbnail's reducing_gap): decode at no less than twice the size the
-# resize needs, so the DCT-scaled decode never shows in the output.
-REDUCING_GAP = 2.0
 
 
 def resized_crop_params(height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
@@ -99,10 +96,12 @@ class EncodedImage:
     seed: int = 0
 
 
-def decodes_on_device(data: bytes) -> bool:
+def decodes_on_device(data: bytes, draft_size: tuple[int, int] | None = None) -> bool:
     """Baseline RGB or greyscale JPEG without an EXIF rotation: what nvjpeg decodes to the pixels Pillow gives.
 
-    Anything else (PNG, CMYK, progressive, rotated photos) is decoded by the worker, so both paths agree on every row.
+    Anything else (PNG, CMYK, progressive, rotated photos) is decoded by the worker, so both paths agree on every row;
+    with ``draft_size``, so is a JPEG large enough for Pillow to decode it at a reduced scale (nvjpeg has no such
+    scaling, and the pixels would differ).
     """
     try:
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
@@ -111,6 +110,7 @@ def decodes_on_device(data: bytes) -> bool:
                 and image.mode in ("RGB", "L")
                 and image.getexif().get(0x0112, 1) == 1  # orientation: nvjpeg does not apply it
                 and not image.info.get("progressive", False)
+                and not (draft_size is not None and draft_reduces(*image.size, draft_size))
             )
     except (OSError, SyntaxError, ValueError):
         return False

@@ -19,8 +19,9 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from crossmodal.augment import EncodedImage, TrainAugment, decodes_on_device
-from crossmodal.config import DEFAULT_DATASET
+from crossmodal.config import DEFAULT_DATASET, ModelConfig
 from crossmodal.images import ImageDecodeError, decode_image
+from crossmodal.preprocess import decode_for_eval, eval_draft_size, image_transform
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
@@ -287,11 +288,15 @@ class EpochShuffle(Sampler[int]):
 
 
 class EvalImages(Dataset):
-    """Every image of ``rows`` once, with the eval transform, in row order (left encoded with ``decode_on_device``)."""
+    """Every image of ``rows`` once, eval-preprocessed as search queries are, in row order.
 
-    def __init__(self, rows: datasets.Dataset, transform, decode_on_device: bool = False) -> None:
+    With ``decode_on_device``, JPEGs the device decodes to Pillow's pixels stay encoded (see :func:`decodes_on_device`).
+    """
+
+    def __init__(self, rows: datasets.Dataset, config: ModelConfig, decode_on_device: bool = False) -> None:
         self.images = rows.select_columns(["image"])
-        self.transform = transform
+        self.config = config
+        self.transform = image_transform(config, train=False)
         self.decode_on_device = decode_on_device
 
     def __len__(self) -> int:
@@ -299,9 +304,9 @@ class EvalImages(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor | EncodedImage:
         data = image_bytes(self.images[index]["image"])
-        if self.decode_on_device and decodes_on_device(data):
+        if self.decode_on_device and decodes_on_device(data, eval_draft_size(self.config)):
             return EncodedImage(data)
-        return self.transform(decode_image(data))
+        return self.transform(decode_for_eval(data, self.config))
 
 
 def caption_table(rows: datasets.Dataset, image_offset: int = 0) -> tuple[list[str], list[int]]:

@@ -16,7 +16,7 @@ from crossmodal.augment import collate_images, decode_batch
 from crossmodal.config import ModelConfig
 from crossmodal.data import EvalImages
 from crossmodal.model import DualEncoder
-from crossmodal.preprocess import image_transform, tokenize
+from crossmodal.preprocess import tokenize
 
 
 class CaptionBatcher:
@@ -53,8 +53,7 @@ def encode_images(
     ``decode_on_device``: loader workers pass JPEG bytes on and each batch is decoded on the accelerator's device
     (nvjpeg on CUDA), then given the same eval transform.
     """
-    transform = image_transform(model.config, train=False)
-    dataset = EvalImages(rows, transform, decode_on_device)
+    dataset = EvalImages(rows, model.config, decode_on_device)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -67,7 +66,7 @@ def encode_images(
 
     def encode(batch: torch.Tensor | list) -> torch.Tensor:
         if isinstance(batch, list):
-            batch = decode_batch(batch, lambda image, seed: transform(image), accelerator.device)
+            batch = decode_batch(batch, lambda image, seed: dataset.transform(image), accelerator.device)
         return model.encode_image(batch.contiguous(memory_format=layout))
 
     model.eval()

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from crossmodal.artifacts import LoadedArtifacts
-from crossmodal.images import ImageDecodeError, decode_image
-from crossmodal.preprocess import image_batch, tokenize
+from crossmodal.images import ImageDecodeError
+from crossmodal.preprocess import decode_for_eval, image_batch, tokenize
 
 MAX_K = 50
 MAX_QUERY_CHARS = 2000  # far beyond any caption; keeps tokenizing a hostile megabyte of text cheap
@@ -131,7 +131,7 @@ class Searcher:
     @torch.inference_mode()
     def encode_image(self, data: bytes) -> torch.Tensor:
         try:
-            image = decode_image(data)
+            image = decode_for_eval(data, self.config)
         except ImageDecodeError as error:
             raise QueryError(f"this image cannot be used: {error}") from error
         return self.model.encode_image(image_batch([image], self.config))[0].float()  # [D]

@@ -8,9 +8,9 @@ import torch
 from crossmodal import synthetic
 from crossmodal.augment import EncodedImage, TrainAugment, decode_batch, decodes_on_device, resized_crop_params
 from crossmodal.config import PRESETS
-from crossmodal.data import DataSource, TrainPairs, image_bytes, load_splits
+from crossmodal.data import DataSource, EvalImages, TrainPairs, image_bytes, load_splits
 from crossmodal.images import decode_image
-from crossmodal.preprocess import image_transform
+from crossmodal.preprocess import decode_for_eval, eval_draft_size, image_transform
 from crossmodal.tokenizer import fit_wordpiece
 from crossmodal.train import DeviceBatch, TrainBatcher
 
@@ -62,6 +62,27 @@ def test_large_jpegs_decode_at_a_reduced_scale_without_upsampling():
     assert image.size == (250, 188)  # DCT scale 1/2: the smallest crop (0.8 x 188) still resizes down to 64 by 2x
     assert TrainAugment(PRESETS["flickr30k"].model).draft_size() == (560, 560)  # 224 px: Flickr JPEGs decode whole
     assert not decodes_on_device(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
+
+
+def jpeg_rows(count: int, size: tuple[int, int]) -> datasets.Dataset:
+    return synthetic.generate(count, 1, 1, image_size=size, seed=5)["train"].cast_column(
+        "image", datasets.Image(decode=False)
+    )
+
+
+def test_eval_images_leave_for_the_device_only_jpegs_it_decodes_as_pillow_does():
+    """Eval decoding shrinks a JPEG by DCT scaling once it is over twice the eval resize, which nvjpeg cannot do:
+    such a row is decoded by the worker, to the pixels a search query of the same bytes gets."""
+    small, large = jpeg_rows(2, (120, 90)), jpeg_rows(2, (600, 450))  # tiny resizes to 72: draft from 144 px a side
+    assert eval_draft_size(TINY) == (144, 144)
+    assert decode_for_eval(image_bytes(large[0]["image"]), TINY).size == (300, 225)  # 1/2 scale
+    assert decode_for_eval(image_bytes(small[0]["image"]), TINY).size == (120, 90)  # whole
+    assert all(isinstance(item, EncodedImage) for item in EvalImages(small, TINY, decode_on_device=True))
+    on_device = EvalImages(large, TINY, decode_on_device=True)
+    for index, item in enumerate(on_device):
+        data = image_bytes(large[index]["image"])
+        assert decodes_on_device(data) and not decodes_on_device(data, eval_draft_size(TINY))
+        assert torch.equal(item, image_transform(TINY, train=False)(decode_for_eval(data, TINY)))
 
 
 def test_train_pairs_on_the_device_batch_like_in_workers(small_dataset):

@@ -11,7 +11,8 @@ from accelerate.utils import is_compiled_module
 
 from benchmarks import index_throughput, train_throughput
 from benchmarks.train_throughput import batches_on_device, build_bench
-from crossmodal.data import EpochShuffle
+from crossmodal.augment import EncodedImage
+from crossmodal.data import EpochShuffle, EvalImages
 from crossmodal.loss import clip_loss
 from crossmodal.train import TrainBatcher, train_step
 
@@ -157,13 +158,16 @@ def test_the_compiled_model_computes_what_the_eager_one_does_and_trains(tmp_path
     assert any(not torch.equal(after[name], before[name]) for name in after)
 
 
-@pytest.mark.parametrize("decode_on_device", [False, True])
-def test_index_real_path_equals_the_bare_encoders(tmp_path, decode_on_device):
+# The device path needs JPEGs eval decoding keeps whole: 500x375 is that for flickr30k's 256 px resize, not tiny's 72.
+@pytest.mark.parametrize(("preset", "width", "decode_on_device"), [("tiny", 128, False), ("flickr30k", 512, True)])
+def test_index_real_path_equals_the_bare_encoders(tmp_path, preset, width, decode_on_device):
     index = index_throughput.build_index_bench(
-        "tiny", 12, 5, 0, "no", decode_on_device=decode_on_device, workdir=tmp_path
+        preset, 12, 5, 0, "no", decode_on_device=decode_on_device, workdir=tmp_path
     )
+    if decode_on_device:
+        assert all(isinstance(item, EncodedImage) for item in EvalImages(index.rows, index.model.config, True))
     images, captions = index.real_images(), index.real_captions()
-    assert images.shape == (12, 128) and captions.shape == (60, 128)
+    assert images.shape == (12, width) and captions.shape == (60, width)
     torch.testing.assert_close(images, index.floor_images(index.image_batches()), rtol=0, atol=1e-6)
     torch.testing.assert_close(captions, index.floor_captions(index.caption_batches()), rtol=0, atol=1e-6)
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from crossmodal.artifacts import verify_artifacts
 from crossmodal.images import decode_image
-from crossmodal.preprocess import image_batch, tokenize
+from crossmodal.preprocess import decode_for_eval, image_batch, tokenize
 from crossmodal.search import MAX_K, MAX_QUERY_CHARS, CaptionHit, QueryError, Searcher, check_k, clean_text
 
 ALL_IMAGES_R1_FLOOR = 0.15  # measured ~26% among all 1,200 images; chance is 1/1,200
@@ -55,8 +55,26 @@ def text_embedding(searcher: Searcher, text: str) -> torch.Tensor:
 
 
 def image_embedding(searcher: Searcher, data: bytes) -> torch.Tensor:
+    """The plain path: decode every pixel, eval transform, image tower."""
     with torch.inference_mode():
         return searcher.model.encode_image(image_batch([decode_image(data)], searcher.config))[0].float()
+
+
+def phone_size_upload(searcher: Searcher, row: int, size: tuple[int, int] = (2000, 1500)) -> bytes:
+    image = decode_image(searcher.thumbnail(row)).resize(size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def test_a_phone_size_upload_decodes_at_a_reduced_scale_and_embeds_as_if_decoded_whole(searcher):
+    """A large JPEG decodes by DCT scaling to no less than twice the eval resize (here 1/8: 250x188 for a 72 px
+    resize), which costs a fraction of a full decode and moves the embedding by almost nothing."""
+    data = phone_size_upload(searcher, row=7)
+    assert decode_for_eval(data, searcher.config).size == (250, 188)
+    fast, whole = searcher.encode_image(data), image_embedding(searcher, data)
+    assert torch.dot(fast, whole).item() > 0.999
+    assert searcher.image_to_image(data, 1)[0].image_index == int(torch.argmax(searcher.image_embeddings @ whole))
 
 
 def test_check_k_only_accepts_whole_numbers_in_range():

@@ -24,7 +24,8 @@ def fit_wordpiece(captions: Iterable[str], *, vocab_size: int, max_length: int) 
 
     The vocabulary: the special tokens, every character seen (alone and as a ``##`` continuation, most frequent
     first), then whole words, most frequent first (ties in alphabetical order), up to ``vocab_size``. A word left out
-    is spelt with its longest known prefix and then characters, so nothing seen in training becomes ``[UNK]``.
+    is spelt with its longest known prefix and then characters: while every character seen fits in the vocabulary,
+    no training word becomes ``[UNK]``.
     """
     normalizer = normalizers.BertNormalizer(lowercase=True)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import platform
 import shlex
 import sys
@@ -21,6 +20,7 @@ from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, PRESETS, ModelConfig
 from crossmodal.data import DataSource, caption_table, load_splits
 from crossmodal.model import DualEncoder, build_model
 from crossmodal.tokenizer import fit_wordpiece
+from crossmodal.train import usable_cores
 
 FLICKR_SIZE = (500, 375)  # width x height of a typical Flickr30k photo
 FLICKR30K_IMAGES = 31_783
@@ -29,7 +29,7 @@ FLICKR30K_CAPTIONS = 158_915
 
 def machine_line(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     return (
         f"machine: device {device} ({name}), {cores} cores, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, python {platform.python_version()}"
@@ -116,8 +116,7 @@ def data_path_line(device: torch.device, name: str, data_seconds: float, floor_s
     """What the data path costs next to the compute it must hide behind, and, when no core is left over for the
     loader workers (a CPU run with a compute thread on every core), the best ratio those cores allow."""
     line = f"data path alone ({name}, one core): {data_seconds:.3f} s, {data_seconds / floor_seconds:.0%} of the floor"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if device.type == "cpu" and torch.get_num_threads() >= cores:
+    if device.type == "cpu" and torch.get_num_threads() >= usable_cores():
         line += f"; no spare core, so at best {floor_seconds / (floor_seconds + data_seconds):.2f} of floor here"
     return line
 

@@ -185,29 +185,25 @@ def alternate(ours: Callable[[int], object], floor: Callable[[int], object], cou
     return timed_ours, timed_floor
 
 
-def client_rows(
-    url: str,
-    queries: Queries,
-    floors: dict[str, list[float]],
-    count: int,
-    flavour: str,
-    options: dict,
-    ratios: dict[str, float],
-    missed: list[str],
-) -> None:
-    """Each endpoint against its no-op twin through one client flavour: prints the rows, records ratio and misses."""
-    real = ThroughClient(url, queries, **options)
-    noop = ThroughClient(url, queries, prefix="noop_", **options)
-    for kind in KINDS:
-        timed, idle = alternate(getattr(real, kind), getattr(noop, kind), count)
-        floor = percentile(floors[kind], 0.5)
-        allowed = percentile(idle, 0.5) + LATENCY_TARGET * floor
-        # The ratio: the endpoint's cost beyond the framework's, in floors (target <= 1.25, like in-process).
-        ratios[f"{flavour} {kind}"] = ratio = (percentile(timed, 0.5) - percentile(idle, 0.5)) / floor
-        print(_row(f"{flavour} no-op {kind}", idle))
-        print(_row(f"{flavour} {kind} (extra / floor)", timed) + f" {ratio:>7.2f}")
-        if percentile(timed, 0.5) > allowed:
-            missed.append(f"{flavour} {kind}: p50 {1000 * percentile(timed, 0.5):.1f} ms > {1000 * allowed:.1f} ms")
+def client_rows(url: str, queries: Queries, floors: dict[str, float], count: int) -> tuple[dict[str, float], list[str]]:
+    """Each endpoint against its no-op twin through each client flavour (``floors``: p50 seconds per kind).
+
+    Prints the rows; returns each ratio (the endpoint's cost beyond the framework's, in floors) and the misses.
+    """
+    ratios, missed = {}, []
+    for flavour, options in CLIENTS.items():
+        real = ThroughClient(url, queries, **options)
+        noop = ThroughClient(url, queries, prefix="noop_", **options)
+        for kind in KINDS:
+            timed, idle = alternate(getattr(real, kind), getattr(noop, kind), count)
+            p50, idle_p50 = percentile(timed, 0.5), percentile(idle, 0.5)
+            ratios[f"{flavour} {kind}"] = ratio = (p50 - idle_p50) / floors[kind]
+            print(_row(f"{flavour} no-op {kind}", idle))
+            print(_row(f"{flavour} {kind} (extra / floor)", timed) + f" {ratio:>7.2f}")
+            allowed = idle_p50 + LATENCY_TARGET * floors[kind]
+            if p50 > allowed:
+                missed.append(f"{flavour} {kind}: p50 {1000 * p50:.1f} ms > {1000 * allowed:.1f} ms")
+    return ratios, missed
 
 
 # --- start-up -------------------------------------------------------------------------------------------------------
@@ -313,8 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     server = start_app(folder, workdir / "noop_app.log", entry=["-m", "benchmarks.noop_app"])
     try:
         with client_yields_the_cores():
-            for flavour, options in CLIENTS.items():
-                client_rows(server.url, queries, floors, args.client_queries, flavour, options, ratios, missed)
+            floor_p50 = {kind: percentile(times, 0.5) for kind, times in floors.items()}
+            client_ratios, client_missed = client_rows(server.url, queries, floor_p50, args.client_queries)
+        ratios.update(client_ratios)
+        missed += client_missed
     finally:
         server.process.terminate()
         server.process.wait(timeout=30)

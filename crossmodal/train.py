@@ -161,13 +161,17 @@ def make_optimizer(model: DualEncoder, train: TrainConfig, *, fused: bool) -> to
     return torch.optim.AdamW(parameter_groups(model, train), lr=train.lr, fused=True if fused else None)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def loader_workers(configured: int | None, num_processes: int) -> int:
     """Loader workers per process: as configured, or every core this process's share has but one (it drives the
     model), since decode + augment is the CPU-heavy part of a step."""
     if configured is not None:
         return configured
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(cores // num_processes - 1, 0)
+    return max(usable_cores() // num_processes - 1, 0)
 
 
 def make_train_loader(

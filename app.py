@@ -30,6 +30,7 @@ import gradio as gr
 from huggingface_hub import ModelCard, constants
 
 from crossmodal.artifacts import ArtifactError, LoadedArtifacts
+from crossmodal.compute import ComputeThread
 from crossmodal.config import ModelConfig
 from crossmodal.hub import load_artifacts
 from crossmodal.search import MAX_K, CaptionHit, ImageHit, QueryError, Searcher
@@ -69,11 +70,16 @@ def upload_bytes(value: dict | None) -> bytes:
 
 
 class Handlers:
-    """The app's event handlers over one shared, read-only Searcher; per-user data lives in gr.State only."""
+    """The app's event handlers over one shared, read-only Searcher; per-user data lives in gr.State only.
 
-    def __init__(self, searcher: Searcher, media: Path) -> None:
+    Gradio calls them on its worker threads; every search goes to ``compute``, the thread that loaded the model
+    (crossmodal/compute.py says why that keeps searches at in-process speed).
+    """
+
+    def __init__(self, searcher: Searcher, media: Path, compute: ComputeThread) -> None:
         self.searcher = searcher
         self.media = media  # thumbnails served to the browser, each written once
+        self.compute = compute
 
     def thumbnail_file(self, row: int) -> str:
         """A stored thumbnail as a file Gradio can serve, written once and atomically.
@@ -98,16 +104,16 @@ class Handlers:
 
     def text_to_image(self, query: str, k: int):
         text = self.searcher.text_query(query)
-        hits = self.searcher.text_to_image(text, k)
+        hits = self.compute.call(self.searcher.text_to_image, text, k)
         if text.truncated:
             gr.Warning(f"Long query: only its first {self.searcher.config.max_text_length} word pieces were used.")
         return self._image_results(hits)
 
     def image_to_image(self, image: dict | None, k: int):
-        return self._image_results(self.searcher.image_to_image(upload_bytes(image), k))
+        return self._image_results(self.compute.call(self.searcher.image_to_image, upload_bytes(image), k))
 
     def image_to_text(self, image: dict | None, k: int):
-        hits: list[CaptionHit] = self.searcher.image_to_text(upload_bytes(image), k)
+        hits: list[CaptionHit] = self.compute.call(self.searcher.image_to_text, upload_bytes(image), k)
         table = [[hit.rank, round(hit.score, 4), hit.caption, hit.image_id] for hit in hits]
         return table, [hit.as_json() for hit in hits]
 
@@ -127,7 +133,7 @@ class Handlers:
     def more_like_this(self, image_id: str | None, k: int):
         if image_id is None:
             raise QueryError("click one of the results first, then ask for more like it")
-        return self._image_results(self.searcher.more_like(self.searcher.row(image_id), k))
+        return self._image_results(self.compute.call(self.searcher.more_like, self.searcher.row(image_id), k))
 
 
 def is_demo_model(config: ModelConfig) -> bool:
@@ -172,12 +178,15 @@ def test_rows(searcher: Searcher, count: int) -> list[int]:
     return [index for index, split in enumerate(searcher.splits) if split == "test"][:count]
 
 
-def build_app(searcher: Searcher, source: str, media: Path, extend: Extension | None = None) -> gr.Blocks:
+def build_app(
+    searcher: Searcher, source: str, media: Path, compute: ComputeThread, extend: Extension | None = None
+) -> gr.Blocks:
     """The whole UI; ``media`` is a private folder for the files the browser is shown (it must be allowed).
 
-    ``extend(app, handlers)`` runs inside the Blocks once the UI is built: benchmarks add instrumentation that way.
+    Searches run on ``compute``, which someone must ``serve``. ``extend(app, handlers)`` runs inside the Blocks once
+    the UI is built: benchmarks add instrumentation that way.
     """
-    handlers = Handlers(searcher, media)
+    handlers = Handlers(searcher, media, compute)
     with gr.Blocks(title="crossmodal: text ↔ image search", delete_cache=(3600, 3600)) as app:
         gr.Markdown(header(searcher.artifacts, source))
         with gr.Accordion("About this model", open=False):
@@ -261,7 +270,9 @@ def main(argv: list[str] | None = None, extend: Extension | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    # 2. Verify before serving: a folder that fails is never half-served.
+    # 2. Verify before serving: a folder that fails is never half-served. This thread loads the model, so it is the
+    #    one that runs every search later (crossmodal/compute.py).
+    compute = ComputeThread()
     try:
         artifacts = load_artifacts(args.artifacts, args.revision)
     except (ArtifactError, ValueError) as error:
@@ -272,9 +283,12 @@ def main(argv: list[str] | None = None, extend: Extension | None = None) -> int:
 
     # 3. Launch with bounded work per request and nothing private reachable over HTTP.
     with tempfile.TemporaryDirectory(prefix="crossmodal-media-") as media:
-        app = build_app(searcher, args.artifacts, Path(media), extend)
-        # One search at a time, each with every core: two at once on 2 cores oversubscribe torch's threads and both
-        # slow down many times over; queued requests wait their (short) turn instead.
+        app = build_app(searcher, args.artifacts, Path(media), compute, extend)
+        # One search at a time, each with every core (the compute thread runs them one by one anyway); queued
+        # requests wait their short turn in Gradio's queue, which tells the browser its place.
+        # After every request Gradio rebuilds a pandas summary of up to 10,000 past ones for its monitoring page,
+        # which this app turns off: 3-12 ms of CPU each, growing with traffic, on the cores the next search needs.
+        os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(sys.maxsize))
         app.queue(max_size=64, default_concurrency_limit=1)
         app.launch(
             server_name=args.host,
@@ -285,8 +299,20 @@ def main(argv: list[str] | None = None, extend: Extension | None = None) -> int:
             blocked_paths=[str(artifacts.folder.resolve()), constants.HF_HUB_CACHE, str(Path(__file__).resolve())],
             allowed_paths=[media],
             footer_links=["api"],
+            prevent_thread_lock=True,  # this thread is needed to search: see serve_until_closed
         )
+        serve_until_closed(app, compute)
     return 0
+
+
+def serve_until_closed(app: gr.Blocks, compute: ComputeThread) -> None:
+    """Run the searches on this thread while the server runs (what ``launch`` would otherwise block on idly)."""
+    try:
+        compute.serve(until=lambda: not app.is_running)
+    except KeyboardInterrupt:
+        logger.info("interrupted: closing the server")
+    finally:
+        app.close()
 
 
 if __name__ == "__main__":

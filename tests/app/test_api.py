@@ -7,12 +7,14 @@ in-process, so Gradio's own pre- and post-processing is part of what is tested.
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 
 import httpx
 import pytest
+from gradio_client import Client
 
 from crossmodal.artifacts import verify_artifacts
 from crossmodal.search import MAX_K, Searcher
@@ -27,7 +29,7 @@ from tests.app.helpers import (
     upload,
 )
 from tests.conftest import ROOT, SUBPROCESS_ENV
-from tests.live_server import free_port
+from tests.live_server import free_port, start_app
 
 # --- the API contract -----------------------------------------------------------------------------------------------
 
@@ -163,6 +165,24 @@ def test_corrupted_weights_refuse_to_start(tiny_run, tmp_path):
     assert "refusing to start" in output and "model.safetensors" in output, output[-3000:]
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing was ever served
+
+
+def test_ctrl_c_stops_the_server_cleanly(tiny_run, tmp_path):
+    """SIGINT reaches the main thread while it runs searches (it is the compute thread): the server closes, exit 0."""
+    server = start_app(tiny_run, tmp_path / "server.log", env=SUBPROCESS_ENV)
+    try:
+        answer = Client(server.url, verbose=False, download_files=False).predict(
+            "a red circle", 2, api_name="/text_to_image"
+        )
+        assert len(answer[1]) == 2
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(timeout=60) == 0, server.log.read_text()[-3000:]
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+    assert "interrupted: closing the server" in server.log.read_text()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", int(server.url.rsplit(":", 1)[1].strip("/")))) != 0
 
 
 def test_no_artifacts_is_a_usage_error(monkeypatch, capsys):

@@ -2,7 +2,7 @@
 
 Why: torch's CPU kernels run on OpenMP (libgomp), which gives every OS thread that starts a parallel region a team of
 worker threads of its own. Once the process holds more of those threads than there are cores, libgomp stops letting
-idle workers spin and puts them to sleep after a few hundred spins, so each of the hundreds of parallel regions in a
+idle workers spin and puts them to sleep after a short fixed count, so each of the hundreds of parallel regions in a
 forward pass waits for a wake-up. Gradio runs handlers on whichever worker thread of its pool is free, and the app
 loaded its model on the main thread: on 2 cores a search then costs ~1.3-1.8x what it costs when one thread does it
 all (measured in docs/benchmarks.md). Handing every torch call to the one thread that loaded the model keeps it at

@@ -63,10 +63,11 @@ class ComputeThread:
                     continue
                 try:
                     future.set_result(function(*args, **kwargs))
-                except BaseException as error:  # the caller gets it; Ctrl-C also stops serving
+                except Exception as error:  # the caller's to handle
                     future.set_exception(error)
-                    if not isinstance(error, Exception):
-                        raise
+                except BaseException:  # Ctrl-C: serving stops, and the caller is told why, not interrupted
+                    future.set_exception(ComputeClosedError("the app is shutting down"))
+                    raise
         finally:
             self._closed.set()
             self._cancel_waiting()

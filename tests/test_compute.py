@@ -90,6 +90,20 @@ def test_calls_waiting_when_serving_stops_fail_instead_of_hanging():
             waiting[0].result(timeout=WAIT)
 
 
+def test_ctrl_c_during_a_call_stops_serving_and_its_caller_is_told():
+    compute = ComputeThread()
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with ThreadPoolExecutor(1) as pool:
+        caller = pool.submit(compute.call, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            compute.serve(until=lambda: False)
+        with pytest.raises(ComputeClosedError):
+            caller.result(timeout=WAIT)
+
+
 def test_only_the_owner_can_serve():
     compute = ComputeThread()
     with ThreadPoolExecutor(1) as pool, pytest.raises(RuntimeError, match="thread that created"):

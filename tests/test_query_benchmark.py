@@ -7,12 +7,16 @@ ratios last and fail when a target is missed.
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
+
 import pytest
 import torch
 from gradio_client import Client, handle_file
 
 from benchmarks import flickr_scale, query_latency
 from benchmarks.common import FLICKR30K_IMAGES
+from benchmarks.measuring_client import arrivals, measuring_client
 from benchmarks.query_latency import KINDS, Floor, InProcess, make_queries
 from crossmodal.artifacts import verify_artifacts
 from crossmodal.search import Searcher
@@ -63,26 +67,70 @@ def test_floor_finds_what_the_search_finds(tiny_searcher, tmp_path):
     assert floor.text_to_image(0) == reference.tolist()
 
 
-def test_noop_twins_answer_with_the_shape_of_the_real_endpoints(tiny_run, tmp_path):
-    server = start_app(tiny_run, tmp_path / "noop.log", env=SUBPROCESS_ENV, entry=["-m", "benchmarks.noop_app"])
-    try:
-        client = Client(server.url, verbose=False)
-        endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-        assert {f"/noop_{kind}" for kind in KINDS} <= set(endpoints)
-        queries = make_queries(1, tmp_path)
-        for kind in KINDS:
-            query = queries.texts[0] if kind == "text_to_image" else handle_file(queries.image_files[0])
-            real = client.predict(query, query_latency.K, api_name=f"/{kind}")
-            noop = client.predict(query, query_latency.K, api_name=f"/noop_{kind}")
-            assert len(noop[1]) == len(real[1]) == query_latency.K
-            assert set(noop[1][0]) == set(real[1][0])  # the same JSON fields
-            if kind == "image_to_text":
-                assert len(noop[0]["data"]) == len(real[0]["data"])  # the same table
-            else:
-                assert len(noop[0]) == len(real[0])  # as many gallery files to download
-    finally:
-        server.process.terminate()
-        server.process.wait(timeout=30)
+@pytest.fixture(scope="module")
+def noop_server(tiny_run, tmp_path_factory):
+    log = tmp_path_factory.mktemp("noop_app") / "noop.log"
+    server = start_app(tiny_run, log, env=SUBPROCESS_ENV, entry=["-m", "benchmarks.noop_app"])
+    yield server
+    server.process.terminate()
+    server.process.wait(timeout=30)
+
+
+def _query(kind: str, queries):
+    return queries.texts[0] if kind == "text_to_image" else handle_file(queries.image_files[0])
+
+
+def test_noop_twins_answer_with_the_shape_of_the_real_endpoints(noop_server, tmp_path):
+    client = Client(noop_server.url, verbose=False)
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {f"/noop_{kind}" for kind in KINDS} <= set(endpoints)
+    queries = make_queries(1, tmp_path)
+    for kind in KINDS:
+        real = client.predict(_query(kind, queries), query_latency.K, api_name=f"/{kind}")
+        noop = client.predict(_query(kind, queries), query_latency.K, api_name=f"/noop_{kind}")
+        assert len(noop[1]) == len(real[1]) == query_latency.K
+        assert set(noop[1][0]) == set(real[1][0])  # the same JSON fields
+        if kind == "image_to_text":
+            assert len(noop[0]["data"]) == len(real[0]["data"])  # the same table
+        else:
+            assert len(noop[0]) == len(real[0])  # as many gallery files to download
+
+
+def test_measuring_client_answers_as_the_stock_one_and_is_woken_by_each_message(noop_server, tmp_path):
+    queries = make_queries(1, tmp_path)
+    stock = Client(noop_server.url, verbose=False, download_files=False)
+    woken = measuring_client(noop_server.url, download_files=False)
+    downloading = measuring_client(noop_server.url)
+    for kind in KINDS:
+        before = arrivals()
+        ours = woken.predict(_query(kind, queries), query_latency.K, api_name=f"/{kind}")
+        # at least "process_starts" and "process_completed" reached the waiting thread through a signalling deque
+        assert arrivals() - before >= 2, kind
+        before = arrivals()
+        assert ours == stock.predict(_query(kind, queries), query_latency.K, api_name=f"/{kind}"), kind
+        assert arrivals() == before  # a stock client in the same process keeps its own, unsignalled, deques
+    gallery, results = downloading.predict(queries.texts[0], query_latency.K, api_name="/text_to_image")
+    assert len(gallery) == len(results) == query_latency.K
+    assert all(Path(item["image"]).is_file() for item in gallery)  # downloads still happen, after the answer
+
+
+def test_measuring_client_parses_no_ca_bundle_per_call(noop_server, tmp_path, monkeypatch):
+    loads = []
+    load_verify_locations = ssl.SSLContext.load_verify_locations
+
+    def counted(context, *args, **kwargs):
+        loads.append(args or kwargs)
+        return load_verify_locations(context, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counted)
+    query = make_queries(1, tmp_path).texts[0]
+    stock, ours = Client(noop_server.url, verbose=False), measuring_client(noop_server.url)
+    loads.clear()
+    stock.predict(query, query_latency.K, api_name="/text_to_image")
+    assert len(loads) >= 2 + query_latency.K  # the request, the message stream, each downloaded thumbnail
+    loads.clear()
+    gallery, _ = ours.predict(query, query_latency.K, api_name="/text_to_image")
+    assert loads == [] and len(gallery) == query_latency.K
 
 
 def test_script_prints_ratios_last_and_fails_a_missed_target(small_flickr_cache, monkeypatch, capsys):
@@ -93,5 +141,8 @@ def test_script_prints_ratios_last_and_fails_a_missed_target(small_flickr_cache,
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("ratios: in-process text_to_image")
     assert all(f"{flavour} {kind}" in lines[-1] for flavour in query_latency.CLIENTS for kind in KINDS)
+    assert "stock" not in lines[-1]  # context rows, printed with no target
+    assert sum("stock json client" in line and line.endswith("(context)") for line in lines) == len(KINDS)
+    assert sum("ms idle" in line and line.endswith("(context)") for line in lines) == 2 * len(KINDS)
     assert "start-up extra s" in lines[-1]
     assert any(line.startswith("MISSED in-process image_to_text") for line in lines)

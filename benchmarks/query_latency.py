@@ -22,7 +22,8 @@ start-up    ``python app.py`` from spawn to the first answered query (through gr
             Targets: time <= import + 5 s, RSS <= import RSS + 1.5 GB.
 
 Each kind's queries alternate with their floor (or no-op) one by one, so the machine's drift hits both alike. Context
-rows also time both after 50 ms of idling each, as a server searches between requests rather than back to back.
+rows also time both after 50 ms of idling each, as a server searches between requests rather than back to back, and
+time the floors again after the client rows, to show how far the machine drifted while those ran.
 Exits 1 if any target is missed; the last line carries every ratio.
 """
 
@@ -224,6 +225,18 @@ def client_rows(url: str, queries: Queries, floors: dict[str, float], count: int
     return ratios, missed
 
 
+def floor_drift(folder: Path, queries: Queries, floors: dict[str, list[float]], count: int) -> None:
+    """Context: the floors once more, after the client rows, against those measured before them (the targets'): how
+    far the machine drifted while the client rows ran."""
+    floor = Floor(Searcher(verify_artifacts(folder)), queries)
+    for kind in KINDS:
+        measure = getattr(floor, kind)
+        for index in range(3):
+            measure(index)
+        again = [seconds(lambda: measure(index)) for index in range(count)]  # noqa: B023 - called at once
+        print(_row(f"floor {kind}, again after the client rows", again, percentile(floors[kind], 0.5)) + " (context)")
+
+
 # --- start-up -------------------------------------------------------------------------------------------------------
 
 
@@ -341,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.process.terminate()
         server.process.wait(timeout=30)
+    floor_drift(folder, queries, floors, args.queries)
 
     imports = [bare_import() for _ in range(args.startups)]
     starts = [app_start(folder, queries.texts[0], workdir / f"start_{run}.log") for run in range(args.startups)]

@@ -144,5 +144,6 @@ def test_script_prints_ratios_last_and_fails_a_missed_target(small_flickr_cache,
     assert "stock" not in lines[-1]  # context rows, printed with no target
     assert sum("stock json client" in line and line.endswith("(context)") for line in lines) == len(KINDS)
     assert sum("ms idle" in line and line.endswith("(context)") for line in lines) == 2 * len(KINDS)
+    assert sum("again after the client rows" in line and line.endswith("(context)") for line in lines) == len(KINDS)
     assert "start-up extra s" in lines[-1]
     assert any(line.startswith("MISSED in-process image_to_text") for line in lines)

@@ -191,10 +191,11 @@ def alternate(
     for index in range(warmup):
         ours(index % count), floor(index % count)
     timed_ours, timed_floor = [], []
+    rest = time.sleep if pause else lambda _: None  # back to back means back to back: not even a sleep(0)
     for index in range(count):
-        time.sleep(pause)
+        rest(pause)
         timed_ours.append(seconds(lambda: ours(index)))  # noqa: B023 - called at once, inside this iteration
-        time.sleep(pause)
+        rest(pause)
         timed_floor.append(seconds(lambda: floor(index)))  # noqa: B023
     return timed_ours, timed_floor
 

@@ -1,10 +1,18 @@
-"""The app exactly as users launch it, plus a no-op twin of each endpoint: the framework's own cost per request.
+"""The app exactly as users launch it, plus two twins of each endpoint: the framework's cost, and the floor's, served.
 
     python -m benchmarks.noop_app --artifacts PATH --port 7861      # same flags as app.py
 
-Each twin takes the same inputs as its endpoint (the client uploads the same image) and returns an answer of the same
-shape and size, computed at start-up, but searches nothing. Timed through ``gradio_client`` it measures what Gradio
-and the client cost for that request: the queue, the upload, the JSON, the gallery files the client downloads.
+No-op twins (``/noop_<kind>``) take the same inputs as their endpoint (the client uploads the same image) and return
+an answer of the same shape and size, computed at start-up, but search nothing. Timed through ``gradio_client`` they
+measure what Gradio and the client cost for that request: the queue, the upload, the JSON, the gallery files the
+client downloads.
+
+Floor twins (``/floor_<kind>``) do what the no-op twins do and, on the compute thread as a search would, also run
+the query's floor (``benchmarks.bare_floor``): the bare tower on a prepared input, then ``topk``. Text -> image's
+takes the query's token ids as text (the client tokenizes); the image ones take the same upload and run the tower on
+an image prepared at start-up (an EfficientNet costs the same whatever the pixels). Timed next to the no-op twin,
+each gives the floor as the server meets it: after the same pause between requests, on the same cold cores.
+
 Only this launcher has the twins; ``python app.py`` serves the three public endpoints alone.
 """
 
@@ -21,13 +29,16 @@ if __name__ == "__main__":
 import gradio as gr
 
 import app
+from benchmarks import bare_floor
+from crossmodal.preprocess import decode_for_eval, image_batch
 
 K = 10
-GALLERY_ANSWERS = 1000  # over what a run asks for (2 clients x 2 gallery kinds x 103): every answer brings new files
+# Over what a run asks for (3 clients x 2 gallery kinds x 2 twins x 103): every answer brings new files.
+GALLERY_ANSWERS = 1500
 
 
-def add_noop_endpoints(blocks: gr.Blocks, handlers: app.Handlers) -> None:
-    """No-op twins of the three endpoints, answering from answers computed here, once.
+def add_twins(blocks: gr.Blocks, handlers: app.Handlers) -> None:
+    """No-op and floor twins of the three endpoints, answering from answers computed here, once.
 
     Gallery answers are the neighbours of a different stored image each time ("more like this", which encodes
     nothing), so, like real answers, each one hands Gradio thumbnail files it has to bring into its cache.
@@ -49,6 +60,26 @@ def add_noop_endpoints(blocks: gr.Blocks, handlers: app.Handlers) -> None:
         preprocess=False,
     )  # fmt: skip
 
+    pixels = image_batch([decode_for_eval(searcher.thumbnail(0), searcher.config)], searcher.config)
+
+    def floor_text_to_image(ids: str, k: int):
+        handlers.compute.call(bare_floor.text_to_image, searcher, bare_floor.tokens_from_ids(ids), int(k))
+        return next(galleries)
+
+    def floor_image_to_text(image, k: int):
+        handlers.compute.call(bare_floor.image_to_text, searcher, pixels, int(k))
+        return caption_answer
+
+    def floor_image_to_image(image, k: int):
+        handlers.compute.call(bare_floor.image_to_image, searcher, pixels, int(k))
+        return next(galleries)
+
+    button.click(floor_text_to_image, [query, k], [gallery, results], api_name="floor_text_to_image")
+    button.click(floor_image_to_text, [image, k], [table, results], api_name="floor_image_to_text", preprocess=False)
+    button.click(
+        floor_image_to_image, [image, k], [gallery, results], api_name="floor_image_to_image", preprocess=False
+    )
+
 
 if __name__ == "__main__":
-    sys.exit(app.main(extend=add_noop_endpoints))
+    sys.exit(app.main(extend=add_twins))

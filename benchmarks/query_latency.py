@@ -10,8 +10,12 @@ image -> text and image -> image, k = 10.
 in-process  ``Searcher`` (what each endpoint calls) vs the floor: the bare tower forward on an already-preprocessed
             input plus a bare ``topk`` over the same embedding matrix. Target: p50 <= 1.25 x floor p50. A row for
             12 MP phone uploads (image -> text) follows, as context without a target.
-client      ``gradio_client`` against the launched app (``benchmarks.noop_app``: app.py plus no-op twins of its
-            endpoints that return a same-sized answer without searching). Target: p50 <= no-op p50 + 1.25 x floor.
+client      ``gradio_client`` against the launched app (``benchmarks.noop_app``: app.py plus two twins of each
+            endpoint). The no-op twin returns a same-sized answer without searching: the framework's own cost. The
+            floor twin returns the same and also runs the query's floor on the compute thread: the floor as the
+            server meets it, after the same pause between requests and on the same cold cores. Target: p50 <= no-op
+            p50 + 1.25 x floor, with the floor the floor twin's p50 less the no-op's. The served floor's ratio to
+            the in-process one, and the endpoint's extra in in-process floors, are printed as context.
             Two clients from ``benchmarks.measuring_client`` (woken by their answer instead of gradio_client's
             50 ms poll, one TLS context for all their HTTP clients; it says why): the default one, which downloads
             every gallery file, and a JSON-only one (``download_files=False``), which isolates what the server
@@ -21,9 +25,10 @@ start-up    ``python app.py`` from spawn to the first answered query (through gr
             answer's JSON and file URLs) and its peak RSS, vs a bare ``import`` of the app's dependencies.
             Targets: time <= import + 5 s, RSS <= import RSS + 1.5 GB.
 
-Each kind's queries alternate with their floor (or no-op) one by one, so the machine's drift hits both alike. Context
-rows also time both after 50 ms of idling each, as a server searches between requests rather than back to back, and
-time the floors again after the client rows, to show how far the machine drifted while those ran.
+Each kind's queries are interleaved with their floor (and twins) one by one, so the machine's drift hits them alike.
+Context rows also time the in-process search and floor after 50 ms of idling each, as a server searches between
+requests rather than back to back, and time the floors again after the client rows, to show how far the machine
+drifted while those ran.
 Exits 1 if any target is missed; the last line carries every ratio.
 """
 
@@ -45,7 +50,7 @@ from pathlib import Path
 import torch
 from gradio_client import Client, handle_file
 
-from benchmarks import flickr_scale
+from benchmarks import bare_floor, flickr_scale
 from benchmarks.common import FLICKR30K_IMAGES, percentile, seconds
 from benchmarks.measuring_client import measuring_client
 from crossmodal.artifacts import verify_artifacts
@@ -87,7 +92,7 @@ def make_queries(count: int, folder: Path) -> Queries:
 
 
 class Floor:
-    """The least any search can cost: the bare tower on a prepared input, then ``topk`` over the stored matrix."""
+    """The least any search can cost (``benchmarks.bare_floor``), on each query prepared beforehand."""
 
     def __init__(self, searcher: Searcher, queries: Queries) -> None:
         self.searcher = searcher
@@ -95,22 +100,14 @@ class Floor:
         self.tokens = [tokenize(tokenizer, [text], config) for text in queries.texts]
         self.pixels = [image_batch([decode_for_eval(data, config)], config) for data in queries.images]
 
-    @staticmethod
-    def _top(matrix: torch.Tensor, query: torch.Tensor) -> list[int]:
-        return torch.topk(matrix @ query, K).indices.tolist()
-
-    @torch.inference_mode()
     def text_to_image(self, index: int) -> list[int]:
-        query = self.searcher.model.encode_text(**self.tokens[index])[0]
-        return self._top(self.searcher.image_embeddings, query)
+        return bare_floor.text_to_image(self.searcher, self.tokens[index], K)
 
-    @torch.inference_mode()
     def image_to_text(self, index: int) -> list[int]:
-        return self._top(self.searcher.text_embeddings, self.searcher.model.encode_image(self.pixels[index])[0])
+        return bare_floor.image_to_text(self.searcher, self.pixels[index], K)
 
-    @torch.inference_mode()
     def image_to_image(self, index: int) -> list[int]:
-        return self._top(self.searcher.image_embeddings, self.searcher.model.encode_image(self.pixels[index])[0])
+        return bare_floor.image_to_image(self.searcher, self.pixels[index], K)
 
 
 class InProcess:
@@ -141,15 +138,19 @@ CONTEXT_CLIENTS = {"stock json client": (Client, {"verbose": False, "download_fi
 
 
 class ThroughClient:
-    """One gradio_client user of the launched app, calling an endpoint or its no-op twin."""
+    """One gradio_client user of the launched app, calling an endpoint or one of its twins (``prefix``).
 
-    def __init__(self, client: Client, queries: Queries, prefix: str = "") -> None:
+    ``texts`` replaces the queries' captions as the text sent: the floor twin takes token ids.
+    """
+
+    def __init__(self, client: Client, queries: Queries, prefix: str = "", texts: list[str] | None = None) -> None:
         self.client = client
         self.queries = queries
         self.prefix = prefix
+        self.texts = queries.texts if texts is None else texts
 
     def _call(self, kind: str, index: int):
-        query = self.queries.texts[index] if kind == "text_to_image" else handle_file(self.queries.image_files[index])
+        query = self.texts[index] if kind == "text_to_image" else handle_file(self.queries.image_files[index])
         return self.client.predict(query, K, api_name=f"/{self.prefix}{kind}")
 
     def text_to_image(self, index: int):
@@ -166,7 +167,7 @@ def phone_uploads(ours: InProcess, floor: Floor, count: int) -> tuple[list[float
     """Context, no target: image -> text from 12 MP phone JPEGs against the same floor. Decoding them is the
     difference, which JPEG DCT scaling (``preprocess.decode_for_eval``) keeps to a fraction of a full decode."""
     phone = flickr_scale.phone_images(PHONE_UPLOADS)
-    return alternate(lambda index: ours.image_to_text_bytes(phone[index % len(phone)]), floor.image_to_text, count)
+    return interleave([lambda index: ours.image_to_text_bytes(phone[index % len(phone)]), floor.image_to_text], count)
 
 
 @contextlib.contextmanager
@@ -183,44 +184,58 @@ def client_yields_the_cores():
         os.sched_setscheduler(0, policy, os.sched_param(0))
 
 
-def alternate(
-    ours: Callable[[int], object], floor: Callable[[int], object], count: int, warmup: int = 3, pause: float = 0.0
-):
-    """Time ``ours(i)`` and ``floor(i)`` one after the other for each query i, each after ``pause`` seconds of idling
-    (not timed); returns (ours, floor) seconds."""
+def interleave(measures: list[Callable[[int], object]], count: int, warmup: int = 3, pause: float = 0.0):
+    """Time each of ``measures`` on query i, one after the other, for each i, each after ``pause`` seconds of idling
+    (not timed). Which goes first turns with i, so none always follows the same one. Returns seconds per measure."""
     for index in range(warmup):
-        ours(index % count), floor(index % count)
-    timed_ours, timed_floor = [], []
+        for measure in measures:
+            measure(index % count)
+    timed: list[list[float]] = [[] for _ in measures]
     rest = time.sleep if pause else lambda _: None  # back to back means back to back: not even a sleep(0)
     for index in range(count):
-        rest(pause)
-        timed_ours.append(seconds(lambda: ours(index)))  # noqa: B023 - called at once, inside this iteration
-        rest(pause)
-        timed_floor.append(seconds(lambda: floor(index)))  # noqa: B023
-    return timed_ours, timed_floor
+        for turn in range(len(measures)):
+            which = (index + turn) % len(measures)
+            rest(pause)
+            timed[which].append(seconds(lambda: measures[which](index)))  # noqa: B023 - called at once, here
+    return timed
 
 
-def client_rows(url: str, queries: Queries, floors: dict[str, float], count: int) -> tuple[dict[str, float], list[str]]:
-    """Each endpoint against its no-op twin through each client flavour (``floors``: p50 seconds per kind).
+def client_rows(
+    url: str, queries: Queries, floor_ids: list[str], floors: dict[str, float], count: int
+) -> tuple[dict[str, float], list[str]]:
+    """Each endpoint against its no-op and floor twins through each client flavour, interleaved query by query.
 
-    Prints the rows; returns each targeted ratio (the endpoint's cost beyond the framework's, in floors) and the misses.
+    ``floor_ids``: each query's token ids, as the text -> image floor twin takes them; ``floors``: the in-process floor
+    p50 (seconds) per kind, for context. The target's floor is the floor twin's p50 less the no-op's: the floor as
+    the server meets it, after the same pause between requests. Prints the rows; returns each targeted ratio (the
+    endpoint's cost beyond the framework's, in served floors) and the misses.
     """
     ratios, missed = {}, []
     for flavour, (make_client, options) in {**CLIENTS, **CONTEXT_CLIENTS}.items():
         targeted = flavour in CLIENTS
         client = make_client(url, **options)
         real, noop = ThroughClient(client, queries), ThroughClient(client, queries, prefix="noop_")
+        floor = ThroughClient(client, queries, prefix="floor_", texts=floor_ids)
         for kind in KINDS:
-            timed, idle = alternate(getattr(real, kind), getattr(noop, kind), count)
-            p50, idle_p50 = percentile(timed, 0.5), percentile(idle, 0.5)
-            ratio = (p50 - idle_p50) / floors[kind]
-            print(_row(f"{flavour} no-op {kind}", idle))
+            timed, idle, floored = interleave([getattr(real, kind), getattr(noop, kind), getattr(floor, kind)], count)
+            p50, idle_p50, served = percentile(timed, 0.5), percentile(idle, 0.5), percentile(floored, 0.5)
+            served -= idle_p50
+            extra = p50 - idle_p50
+            ratio = extra / served if served > 0 else float("inf")
             context = "" if targeted else " (context)"
-            print(_row(f"{flavour} {kind} (extra / floor)", timed) + f" {ratio:>7.2f}{context}")
+            print(_row(f"{flavour} no-op {kind}", idle))
+            print(
+                _row(f"{flavour} served floor {kind} (vs in-process)", floored)
+                + f" {served / floors[kind]:>7.2f} (context)"
+            )
+            print(
+                _row(f"{flavour} {kind} (extra / served floor)", timed)
+                + f" {ratio:>7.2f} ({extra / floors[kind]:.2f} in-process floors){context}"
+            )
             if not targeted:
                 continue
             ratios[f"{flavour} {kind}"] = ratio
-            allowed = idle_p50 + LATENCY_TARGET * floors[kind]
+            allowed = idle_p50 + LATENCY_TARGET * served
             if p50 > allowed:
                 missed.append(f"{flavour} {kind}: p50 {1000 * p50:.1f} ms > {1000 * allowed:.1f} ms")
     return ratios, missed
@@ -298,7 +313,7 @@ def app_start(folder: Path, query: str, log: Path) -> tuple[float, float]:
 def _row(label: str, values: list[float], reference: float | None = None) -> str:
     p50, p95 = percentile(values, 0.5), percentile(values, 0.95)
     ratio = f"{p50 / reference:>7.2f}" if reference else ""
-    return f"  {label:<50} {1000 * p50:>8.1f} {1000 * p95:>8.1f} {ratio}"
+    return f"  {label:<62} {1000 * p50:>8.1f} {1000 * p95:>8.1f} {ratio}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,11 +339,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ratios: dict[str, float] = {}
     missed: list[str] = []
-    print(f"  {'milliseconds':<50} {'p50':>8} {'p95':>8} {'ratio':>7}")
+    print(f"  {'milliseconds':<62} {'p50':>8} {'p95':>8} {'ratio':>7}")
     floor, ours = Floor(searcher, queries), InProcess(searcher, queries)
     floors = {}
     for kind in KINDS:
-        timed, floors[kind] = alternate(getattr(ours, kind), getattr(floor, kind), args.queries)
+        timed, floors[kind] = interleave([getattr(ours, kind), getattr(floor, kind)], args.queries)
         ratios[f"in-process {kind}"] = ratio = percentile(timed, 0.5) / percentile(floors[kind], 0.5)
         print(_row(f"floor {kind}", floors[kind]))
         print(_row(f"in-process {kind}", timed, percentile(floors[kind], 0.5)))
@@ -339,17 +354,18 @@ def main(argv: list[str] | None = None) -> int:
     # What a search costs when the machine has idled before it, as a server's has: the ratio is to the floor measured
     # back to back above, the target's floor, so it shows what the pause alone adds.
     for kind in KINDS:
-        timed, floor_paused = alternate(getattr(ours, kind), getattr(floor, kind), args.queries, pause=PAUSE)
+        timed, floor_paused = interleave([getattr(ours, kind), getattr(floor, kind)], args.queries, pause=PAUSE)
         reference = percentile(floors[kind], 0.5)
         print(_row(f"floor {kind}, after {1000 * PAUSE:.0f} ms idle", floor_paused, reference) + " (context)")
         print(_row(f"in-process {kind}, after {1000 * PAUSE:.0f} ms idle", timed, reference) + " (context)")
+    floor_ids = [bare_floor.ids_text(tokens) for tokens in floor.tokens]
     del searcher, floor, ours  # the server below gets the memory and both cores
 
     server = start_app(folder, workdir / "noop_app.log", entry=["-m", "benchmarks.noop_app"])
     try:
         with client_yields_the_cores():
             floor_p50 = {kind: percentile(times, 0.5) for kind, times in floors.items()}
-            client_ratios, client_missed = client_rows(server.url, queries, floor_p50, args.client_queries)
+            client_ratios, client_missed = client_rows(server.url, queries, floor_ids, floor_p50, args.client_queries)
         ratios.update(client_ratios)
         missed += client_missed
     finally:
@@ -361,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     starts = [app_start(folder, queries.texts[0], workdir / f"start_{run}.log") for run in range(args.startups)]
     import_s, import_mb = percentile([t for t, _ in imports], 0.5), percentile([m for _, m in imports], 0.5)
     start_s, start_mb = percentile([t for t, _ in starts], 0.5), percentile([m for _, m in starts], 0.5)
-    print(f"  {'start-up (median of ' + str(args.startups) + ')':<50} {'seconds':>8} {'peak MB':>8}")
-    print(f"  {'bare import of the dependencies':<50} {import_s:>8.2f} {import_mb:>8.0f}")
-    print(f"  {'app: spawn to first answered query':<50} {start_s:>8.2f} {start_mb:>8.0f}")
+    print(f"  {'start-up (median of ' + str(args.startups) + ')':<62} {'seconds':>8} {'peak MB':>8}")
+    print(f"  {'bare import of the dependencies':<62} {import_s:>8.2f} {import_mb:>8.0f}")
+    print(f"  {'app: spawn to first answered query':<62} {start_s:>8.2f} {start_mb:>8.0f}")
     ratios["start-up extra s"] = start_s - import_s
     ratios["start-up extra GB"] = (start_mb - import_mb) / 1024
     if start_s > import_s + STARTUP_SECONDS:

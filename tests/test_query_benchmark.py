@@ -1,8 +1,8 @@
 """The query-latency benchmark measures the right things: no timing is asserted, only what is timed.
 
-Its floor must find what the search finds, its no-op twins must move answers of the same shape as the real endpoints,
-its Flickr-scale folder must be a real artifact folder of the default architecture, and the script must report its
-ratios last and fail when a target is missed.
+Its floor must find what the search finds, its no-op and floor twins must move answers of the same shape as the real
+endpoints (the floor twins running the floor on what they are sent), its Flickr-scale folder must be a real artifact
+folder of the default architecture, and the script must report its ratios last and fail when a target is missed.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
-from benchmarks import flickr_scale, query_latency
+from benchmarks import bare_floor, flickr_scale, query_latency
 from benchmarks.common import FLICKR30K_IMAGES
 from benchmarks.measuring_client import arrivals, measuring_client
 from benchmarks.query_latency import KINDS, Floor, InProcess, make_queries
 from crossmodal.artifacts import verify_artifacts
+from crossmodal.preprocess import tokenize
 from crossmodal.search import Searcher
 from tests.conftest import SUBPROCESS_ENV
 from tests.live_server import start_app
@@ -80,20 +82,50 @@ def _query(kind: str, queries):
     return queries.texts[0] if kind == "text_to_image" else handle_file(queries.image_files[0])
 
 
-def test_noop_twins_answer_with_the_shape_of_the_real_endpoints(noop_server, tmp_path):
+def test_twins_answer_with_the_shape_of_the_real_endpoints(noop_server, tiny_searcher, tmp_path):
     client = Client(noop_server.url, verbose=False)
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {f"/noop_{kind}" for kind in KINDS} <= set(endpoints)
+    assert {f"/{twin}_{kind}" for twin in ("noop", "floor") for kind in KINDS} <= set(endpoints)
     queries = make_queries(1, tmp_path)
+    ids = bare_floor.ids_text(tokenize(tiny_searcher.tokenizer, queries.texts[:1], tiny_searcher.config))
     for kind in KINDS:
         real = client.predict(_query(kind, queries), query_latency.K, api_name=f"/{kind}")
         noop = client.predict(_query(kind, queries), query_latency.K, api_name=f"/noop_{kind}")
-        assert len(noop[1]) == len(real[1]) == query_latency.K
-        assert set(noop[1][0]) == set(real[1][0])  # the same JSON fields
-        if kind == "image_to_text":
-            assert len(noop[0]["data"]) == len(real[0]["data"])  # the same table
-        else:
-            assert len(noop[0]) == len(real[0])  # as many gallery files to download
+        floor_query = ids if kind == "text_to_image" else _query(kind, queries)
+        floor = client.predict(floor_query, query_latency.K, api_name=f"/floor_{kind}")
+        for twin in (noop, floor):
+            assert len(twin[1]) == len(real[1]) == query_latency.K
+            assert set(twin[1][0]) == set(real[1][0])  # the same JSON fields
+            if kind == "image_to_text":
+                assert len(twin[0]["data"]) == len(real[0]["data"])  # the same table
+            else:
+                assert len(twin[0]) == len(real[0])  # as many gallery files to download
+
+
+def test_floor_twin_runs_the_text_tower_on_the_ids_it_is_sent(noop_server, tiny_searcher):
+    client = Client(noop_server.url, verbose=False, download_files=False)
+    vocabulary = tiny_searcher.config.text_config["vocab_size"]
+    client.predict(f"2 {vocabulary - 1} 3", query_latency.K, api_name="/floor_text_to_image")  # in range: answered
+    for not_ids in (f"2 {vocabulary} 3", "a dog in the snow", ""):  # past the embedding table, words, nothing
+        with pytest.raises(AppError):
+            client.predict(not_ids, query_latency.K, api_name="/floor_text_to_image")
+
+
+def test_token_ids_as_text_are_what_tokenize_returns(tiny_searcher):
+    captions = ["a red circle at the top left", "two dogs"]
+    for caption in captions:
+        tokens = tokenize(tiny_searcher.tokenizer, [caption], tiny_searcher.config)
+        again = bare_floor.tokens_from_ids(bare_floor.ids_text(tokens))
+        assert again.keys() == tokens.keys()
+        assert all(torch.equal(again[name], tokens[name]) for name in tokens)
+
+
+def test_interleave_turns_which_measure_goes_first():
+    calls = []
+    measures = [lambda index, name=name: calls.append((name, index)) for name in "abc"]
+    timed = query_latency.interleave(measures, count=3, warmup=0)
+    assert [len(seconds) for seconds in timed] == [3, 3, 3]
+    assert calls == [(name, index) for index, names in enumerate(["abc", "bca", "cab"]) for name in names]
 
 
 def test_measuring_client_answers_as_the_stock_one_and_is_woken_by_each_message(noop_server, tmp_path):
@@ -142,7 +174,10 @@ def test_script_prints_ratios_last_and_fails_a_missed_target(small_flickr_cache,
     assert lines[-1].startswith("ratios: in-process text_to_image")
     assert all(f"{flavour} {kind}" in lines[-1] for flavour in query_latency.CLIENTS for kind in KINDS)
     assert "stock" not in lines[-1]  # context rows, printed with no target
-    assert sum("stock json client" in line and line.endswith("(context)") for line in lines) == len(KINDS)
+    flavours = len(query_latency.CLIENTS) + len(query_latency.CONTEXT_CLIENTS)
+    served_floors = [line for line in lines if "(vs in-process)" in line and line.endswith("(context)")]
+    assert len(served_floors) == flavours * len(KINDS)
+    assert sum("stock json client" in line and line.endswith("(context)") for line in lines) == 2 * len(KINDS)
     assert sum("ms idle" in line and line.endswith("(context)") for line in lines) == 2 * len(KINDS)
     assert sum("again after the client rows" in line and line.endswith("(context)") for line in lines) == len(KINDS)
     assert "start-up extra s" in lines[-1]

@@ -21,6 +21,7 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import tempfile
 import threading
 from collections.abc import Callable
@@ -270,6 +271,8 @@ def main(argv: list[str] | None = None, extend: Extension | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    stop_on_sigterm()
+
     # 2. Verify before serving: a folder that fails is never half-served. This thread loads the model, so it is the
     #    one that runs every search later (crossmodal/compute.py).
     compute = ComputeThread()
@@ -303,6 +306,18 @@ def main(argv: list[str] | None = None, extend: Extension | None = None) -> int:
         )
         serve_until_closed(app, compute)
     return 0
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a Space restarting, ``kill``, a process manager) stops the app as Ctrl-C does: the server closes and
+    the media folder is deleted. Python's default ends the process at once and leaves the folder behind, every
+    thumbnail ever shown in it (hundreds of MB at Flickr scale)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def serve_until_closed(app: gr.Blocks, compute: ComputeThread) -> None:

@@ -167,20 +167,27 @@ def test_corrupted_weights_refuse_to_start(tiny_run, tmp_path):
         assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing was ever served
 
 
-def test_ctrl_c_stops_the_server_cleanly(tiny_run, tmp_path):
-    """SIGINT reaches the main thread while it runs searches (it is the compute thread): the server closes, exit 0."""
-    server = start_app(tiny_run, tmp_path / "server.log", env=SUBPROCESS_ENV)
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_stop_the_server_cleanly(tiny_run, tmp_path, stop):
+    """The signal reaches the main thread while it runs searches (it is the compute thread): the server closes, exit
+    0, and the media folder of shown thumbnails is deleted (Python's default SIGTERM would leave it behind)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    server = start_app(tiny_run, tmp_path / "server.log", env={**SUBPROCESS_ENV, "TMPDIR": str(scratch)})
     try:
         answer = Client(server.url, verbose=False, download_files=False).predict(
             "a red circle", 2, api_name="/text_to_image"
         )
         assert len(answer[1]) == 2
-        server.process.send_signal(signal.SIGINT)
+        media = list(scratch.glob("crossmodal-media-*"))
+        assert len(media) == 1 and any(media[0].glob("thumbnail_*.jpg"))  # thumbnails were written for the answer
+        server.process.send_signal(stop)
         assert server.process.wait(timeout=60) == 0, server.log.read_text()[-3000:]
     finally:
         if server.process.poll() is None:
             server.process.kill()
     assert "interrupted: closing the server" in server.log.read_text()
+    assert not media[0].exists()
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", int(server.url.rsplit(":", 1)[1].strip("/")))) != 0
 

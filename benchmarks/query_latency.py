@@ -67,6 +67,7 @@ KINDS = ("text_to_image", "image_to_text", "image_to_image")
 PHONE_UPLOADS = 5  # distinct 12 MP JPEGs, taken in turn
 PAUSE = 0.05  # s of idling before each query of the context rows: a server searches after a pause, not back to back
 PHONE = "x".join(map(str, flickr_scale.PHONE_SIZE))
+LABEL = 62  # characters of a row's label
 DEPENDENCIES = "gradio, torch, torchvision, transformers, safetensors, huggingface_hub, pyarrow.parquet, PIL.Image"
 
 
@@ -232,9 +233,8 @@ def client_rows(
         floor = ThroughClient(client, queries, prefix="floor_", texts=floor_ids)
         for kind in KINDS:
             timed, idle, floored = interleave([getattr(real, kind), getattr(noop, kind), getattr(floor, kind)], count)
-            p50, idle_p50, served = percentile(timed, 0.5), percentile(idle, 0.5), percentile(floored, 0.5)
-            served -= idle_p50
-            extra = p50 - idle_p50
+            p50, idle_p50 = percentile(timed, 0.5), percentile(idle, 0.5)
+            served, extra = percentile(floored, 0.5) - idle_p50, p50 - idle_p50  # the floor's and ours, beyond a no-op
             ratio = extra / served if served > 0 else float("inf")
             context = "" if targeted else " (context)"
             print(_row(f"{flavour} no-op {kind}", idle))
@@ -260,10 +260,7 @@ def floor_drift(folder: Path, queries: Queries, floors: dict[str, list[float]], 
     far the machine drifted while the client rows ran."""
     floor = Floor(Searcher(verify_artifacts(folder)), queries)
     for kind in KINDS:
-        measure = getattr(floor, kind)
-        for index in range(3):
-            measure(index)
-        again = [seconds(lambda: measure(index)) for index in range(count)]  # noqa: B023 - called at once
+        (again,) = interleave([getattr(floor, kind)], count)
         print(_row(f"floor {kind}, again after the client rows", again, percentile(floors[kind], 0.5)) + " (context)")
 
 
@@ -327,7 +324,7 @@ def app_start(folder: Path, query: str, log: Path) -> tuple[float, float]:
 def _row(label: str, values: list[float], reference: float | None = None) -> str:
     p50, p95 = percentile(values, 0.5), percentile(values, 0.95)
     ratio = f"{p50 / reference:>7.2f}" if reference else ""
-    return f"  {label:<62} {1000 * p50:>8.1f} {1000 * p95:>8.1f} {ratio}"
+    return f"  {label:<{LABEL}} {1000 * p50:>8.1f} {1000 * p95:>8.1f} {ratio}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,7 +354,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> int:
 
     ratios: dict[str, float] = {}
     missed: list[str] = []
-    print(f"  {'milliseconds':<62} {'p50':>8} {'p95':>8} {'ratio':>7}")
+    print(f"  {'milliseconds':<{LABEL}} {'p50':>8} {'p95':>8} {'ratio':>7}")
     floor, ours = Floor(searcher, queries), InProcess(searcher, queries)
     floors = {}
     for kind in KINDS:
@@ -395,9 +392,9 @@ def measure(args: argparse.Namespace, workdir: Path) -> int:
     starts = [app_start(folder, queries.texts[0], workdir / f"start_{run}.log") for run in range(args.startups)]
     import_s, import_mb = percentile([t for t, _ in imports], 0.5), percentile([m for _, m in imports], 0.5)
     start_s, start_mb = percentile([t for t, _ in starts], 0.5), percentile([m for _, m in starts], 0.5)
-    print(f"  {'start-up (median of ' + str(args.startups) + ')':<62} {'seconds':>8} {'peak MB':>8}")
-    print(f"  {'bare import of the dependencies':<62} {import_s:>8.2f} {import_mb:>8.0f}")
-    print(f"  {'app: spawn to first answered query':<62} {start_s:>8.2f} {start_mb:>8.0f}")
+    print(f"  {'start-up (median of ' + str(args.startups) + ')':<{LABEL}} {'seconds':>8} {'peak MB':>8}")
+    print(f"  {'bare import of the dependencies':<{LABEL}} {import_s:>8.2f} {import_mb:>8.0f}")
+    print(f"  {'app: spawn to first answered query':<{LABEL}} {start_s:>8.2f} {start_mb:>8.0f}")
     ratios["start-up extra s"] = start_s - import_s
     ratios["start-up extra GB"] = (start_mb - import_mb) / 1024
     if start_s > import_s + STARTUP_SECONDS:

@@ -12,7 +12,7 @@ from crossmodal.search import Searcher
 
 
 def _top(matrix: torch.Tensor, query: torch.Tensor, k: int) -> list[int]:
-    return torch.topk(matrix @ query, k).indices.tolist()
+    return torch.topk(matrix @ query.to(matrix.dtype), k).indices.tolist()  # one pass in the stored dtype
 
 
 @torch.inference_mode()

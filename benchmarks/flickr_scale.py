@@ -40,7 +40,7 @@ THUMBNAIL_SIZE = (256, 192)
 PHONE_SIZE = (4032, 3024)
 _NOISE_STD = 16.0  # pixel noise that makes a 256 px JPEG as large as one of a real photo (~16 KB at quality 85)
 _CALIBRATION_IMAGES = 32
-_BUILD_VERSION = 4  # bump when the folder this writes changes, so cached folders are rebuilt
+_BUILD_VERSION = 5  # bump when the folder this writes changes, so cached folders are rebuilt
 
 
 class PhotoMaker:

@@ -44,6 +44,13 @@ GOLDEN_CAPTIONS = 4
 GOLDEN_MIN_COSINE = 0.99  # serving path vs training-time path on the same bytes: equal up to float noise
 GOLDEN_INDEX_TOLERANCE = 0.02  # recorded thumbnail-to-index cosine must be reproduced this closely
 UNIT_NORM_TOLERANCE = 1e-3
+# The embeddings are stored and searched in float16: half the download and memory of float32, and on CPU torch's
+# float16 matrix-vector product runs at memory speed (6 ms over Flickr30k's 158,915 captions on 2 cores, against
+# 37 ms in float32, whose BLAS path runs on one core). Rounding moves a score by under 1e-4, well inside the noise of
+# Recall@K (docs/benchmarks.md); ``crossmodal.search`` re-ranks its candidates in float32 so results stay exact.
+INDEX_DTYPE = torch.float16
+STORED_DTYPES = (torch.float16, torch.float32)  # float32: folders written before the switch, converted at load
+_NORM_CHUNK_ROWS = 16_384  # rows upcast at a time to check norms, so the check never holds a float32 copy
 THUMBNAIL_ROW_GROUP = 1024  # ~16 MB of Flickr-size thumbnails per row group
 
 
@@ -80,8 +87,8 @@ class LoadedArtifacts:
     config: ModelConfig
     model: DualEncoder
     tokenizer: Any
-    image_embeddings: torch.Tensor  # [N_images, D]
-    text_embeddings: torch.Tensor  # [N_captions, D]
+    image_embeddings: torch.Tensor  # [N_images, D], INDEX_DTYPE
+    text_embeddings: torch.Tensor  # [N_captions, D], INDEX_DTYPE
     images: pa.Table  # image_id, filename, split
     thumbnails: Thumbnails  # the thumbnail column, by row
     captions: pa.Table  # caption, image_index
@@ -189,8 +196,12 @@ def _load_embeddings(folder: Path, name: str, manifest: dict[str, Any], rows: in
         raise ArtifactError(f"{path}: shape {list(embeddings.shape)}, manifest.json says {expected_shape}")
     if embeddings.ndim != 2 or embeddings.shape != (rows, width):
         raise ArtifactError(f"{path}: shape {list(embeddings.shape)}, expected [{rows}, {width}] (rows of the table)")
-    embeddings = embeddings.float()
-    norms = torch.linalg.vector_norm(embeddings, dim=1)  # NaN or inf anywhere in a row makes its norm non-finite
+    if embeddings.dtype not in STORED_DTYPES:
+        raise ArtifactError(f"{path}: dtype {embeddings.dtype}, expected float16 (or float32 from older folders)")
+    # NaN or inf anywhere in a row makes its norm non-finite.
+    norms = torch.cat(
+        [torch.linalg.vector_norm(chunk, dim=1, dtype=torch.float32) for chunk in embeddings.split(_NORM_CHUNK_ROWS)]
+    )
     if not torch.isfinite(norms).all():
         row = int((~torch.isfinite(norms)).nonzero()[0])
         raise ArtifactError(f"{path}: row {row} is not finite (NaN or inf)")
@@ -198,7 +209,7 @@ def _load_embeddings(folder: Path, name: str, manifest: dict[str, Any], rows: in
     if deviation.max() > UNIT_NORM_TOLERANCE:
         row = int(deviation.argmax())
         raise ArtifactError(f"{path}: row {row} has norm {1 + float(deviation[row]):.4f}, expected unit norm")
-    return embeddings
+    return embeddings.to(INDEX_DTYPE)
 
 
 def _read_table(path: Path, columns: list[str], skip: tuple[str, ...] = ()) -> pa.Table:
@@ -238,7 +249,7 @@ def _self_test(loaded: LoadedArtifacts) -> None:
                 f"{loaded.folder}: golden self-test failed: stored image {row} now embeds at cosine {drift:.4f} to its "
                 f"training-time embedding (expected > {GOLDEN_MIN_COSINE}); preprocessing or weights differ"
             )
-        to_index = float(fresh[position] @ loaded.image_embeddings[row])
+        to_index = float(fresh[position] @ loaded.image_embeddings[row].float())
         if abs(to_index - golden["cosine_to_index"][position]) > GOLDEN_INDEX_TOLERANCE:
             raise ArtifactError(
                 f"{loaded.folder / 'image_embeddings.safetensors'}: row {row} does not belong to this model (cosine "
@@ -249,7 +260,7 @@ def _self_test(loaded: LoadedArtifacts) -> None:
     captions = [loaded.captions.column("caption")[row].as_py() for row in caption_rows]
     with torch.inference_mode():
         texts = loaded.model.encode_text(**tokenize(loaded.tokenizer, captions, loaded.config)).float()
-    cosines = (texts * loaded.text_embeddings[caption_rows]).sum(dim=1)
+    cosines = (texts * loaded.text_embeddings[caption_rows].float()).sum(dim=1)
     if cosines.min() < GOLDEN_MIN_COSINE:
         row = caption_rows[int(cosines.argmin())]
         raise ArtifactError(

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from crossmodal.artifacts import (
     FORMAT_VERSION,
     HEATMAP_PAIRS,
+    INDEX_DTYPE,
     THUMBNAIL_ROW_GROUP,
     ArtifactError,
     _encode_thumbnails,
@@ -193,13 +194,14 @@ def write_artifacts(
     (staging / "config.json").write_text(json.dumps(config, indent=2))
     save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(staging / "tokenizer")
-    save_file({"embeddings": image_embeddings.float().contiguous()}, staging / "image_embeddings.safetensors")
-    save_file({"embeddings": text_embeddings.float().contiguous()}, staging / "text_embeddings.safetensors")
+    stored_images = image_embeddings.to(INDEX_DTYPE).contiguous()
+    save_file({"embeddings": stored_images}, staging / "image_embeddings.safetensors")
+    save_file({"embeddings": text_embeddings.to(INDEX_DTYPE).contiguous()}, staging / "text_embeddings.safetensors")
     thumbnails = _write_tables(corpus, staging, train_config.thumbnail_size)
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _write_plots(staging, history, loss_log, corpus, image_embeddings, text_embeddings)
     (staging / "README.md").write_text(render_model_card(model.config, train_config, metrics, dataset))
-    golden = _golden_record(model, thumbnails, image_embeddings)
+    golden = _golden_record(model, thumbnails, stored_images)  # what the loader will compare against
     manifest = _manifest(staging, corpus, dataset, model, golden)
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(folder, ignore_errors=True)

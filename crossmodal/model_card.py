@@ -53,7 +53,8 @@ model, tokenizer, image_index = artifacts.model, artifacts.tokenizer, artifacts.
 
 `artifacts.model.encode_text(...)` and `encode_image(...)` return L2-normalised vectors comparable with the
 shipped `image_embeddings.safetensors` ({num_images} images) and `text_embeddings.safetensors` ({num_captions}
-captions); `images.parquet` and `captions.parquet` hold their metadata and thumbnails in the same order.
+captions), stored in float16 (score in float32: `image_index.float() @ query`); `images.parquet` and
+`captions.parquet` hold their metadata and thumbnails in the same order.
 
 ## Data and limitations
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from crossmodal.artifacts import ArtifactError, LoadedArtifacts, verify_artifacts
+from crossmodal.artifacts import INDEX_DTYPE, ArtifactError, LoadedArtifacts, verify_artifacts
 from crossmodal.integrity import sha256_of
 from crossmodal.model import build_model
 
@@ -45,6 +45,7 @@ def test_a_good_folder_loads_with_everything_checked(artifacts):
     loaded = verify_artifacts(artifacts)
     assert isinstance(loaded, LoadedArtifacts)
     assert loaded.image_embeddings.shape == (1200, 128) and loaded.text_embeddings.shape == (6000, 128)
+    assert loaded.image_embeddings.dtype == loaded.text_embeddings.dtype == INDEX_DTYPE == torch.float16
     assert loaded.images.num_rows == 1200 and loaded.captions.num_rows == 6000
     assert not loaded.model.training
     assert len(loaded.manifest["golden"]["image_rows"]) == 4
@@ -55,6 +56,22 @@ def test_embedding_file_missing_a_row(artifacts):
     save_file({"embeddings": load_file(path)["embeddings"][:-1].contiguous()}, path)
     resign(artifacts)
     refused(artifacts, r"image_embeddings\.safetensors: shape \[1199, 128\], manifest\.json says \[1200, 128\]")
+
+
+def test_float32_embeddings_of_older_folders_load_as_float16(artifacts):
+    path = artifacts / "text_embeddings.safetensors"
+    stored = load_file(path)["embeddings"]
+    save_file({"embeddings": stored.float()}, path)  # as folders were written before the switch to float16
+    resign(artifacts)
+    loaded = verify_artifacts(artifacts)
+    assert loaded.text_embeddings.dtype == torch.float16 and torch.equal(loaded.text_embeddings, stored)
+
+
+def test_embeddings_of_another_dtype_are_refused(artifacts):
+    path = artifacts / "image_embeddings.safetensors"
+    save_file({"embeddings": load_file(path)["embeddings"].double()}, path)
+    resign(artifacts)
+    refused(artifacts, r"image_embeddings\.safetensors: dtype torch\.float64, expected float16 \(or float32")
 
 
 def test_embeddings_from_another_checkpoint_are_caught_by_the_golden_self_test(artifacts):

@@ -48,7 +48,8 @@ def test_artifact_folder_follows_the_contract(tiny_run):
     text_embeddings = load_file(tiny_run / "text_embeddings.safetensors")["embeddings"]
     assert image_embeddings.shape == (1200, 128) and text_embeddings.shape == (6000, 128)
     for embeddings in (image_embeddings, text_embeddings):
-        torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(len(embeddings)), atol=1e-4, rtol=0)
+        assert embeddings.dtype == torch.float16
+        torch.testing.assert_close(embeddings.float().norm(dim=1), torch.ones(len(embeddings)), atol=1e-3, rtol=0)
 
     manifest = verify_files(tiny_run)
     assert manifest["counts"]["images_per_split"] == {"train": 1000, "val": 100, "test": 100}
@@ -68,13 +69,15 @@ def test_reloaded_model_reproduces_the_stored_embeddings(tiny_run):
     with torch.inference_mode():
         texts = model.encode_text(**tokenize(tokenizer, captions, model.config))
     stored = load_file(tiny_run / "text_embeddings.safetensors")["embeddings"][:16]
-    torch.testing.assert_close(texts, stored, atol=1e-4, rtol=0)
+    torch.testing.assert_close(texts, stored.float(), atol=5e-4, rtol=0)  # float16 rounds by <= 2.4e-4 below 1
 
 
 def test_evaluate_cli_reproduces_metrics_json(tiny_run, full_dataset):
     stored = json.loads((tiny_run / "metrics.json").read_text())["test"]
     from_embeddings = json.loads(run_cli(sys.executable, "-m", "crossmodal.evaluate", "--artifacts", tiny_run).stdout)
-    assert from_embeddings == pytest.approx(stored)
+    # metrics.json scores the float32 embeddings training computed; the folder stores them in float16. Rounding may at
+    # most swap a near-tie: one of the 100 test images' queries is 1 point (measured: no change at all).
+    assert from_embeddings == pytest.approx(stored, abs=1.0)
     from_data = json.loads(
         run_cli(
             sys.executable, "-m", "crossmodal.evaluate", "--artifacts", tiny_run, "--dataset", full_dataset,

@@ -25,8 +25,8 @@ def searcher(tiny_run):
 
 
 def reference_top(matrix: torch.Tensor, query: torch.Tensor, k: int, exclude: int | None = None):
-    """The trusted answer: every score, and the indices of the k best by a full descending argsort."""
-    scores = matrix @ query
+    """The trusted answer: every score in float32 over the stored rows, and the k best by a full descending argsort."""
+    scores = matrix.float() @ query.float()
     order = [int(row) for row in torch.argsort(scores, descending=True) if int(row) != exclude]
     return scores, order[:k]
 
@@ -74,7 +74,8 @@ def test_a_phone_size_upload_decodes_at_a_reduced_scale_and_embeds_as_if_decoded
     assert decode_for_eval(data, searcher.config).size == (250, 188)
     fast, whole = searcher.encode_image(data), image_embedding(searcher, data)
     assert torch.dot(fast, whole).item() > 0.999
-    assert searcher.image_to_image(data, 1)[0].image_index == int(torch.argmax(searcher.image_embeddings @ whole))
+    best = int(torch.argmax(searcher.image_embeddings.float() @ whole))
+    assert searcher.image_to_image(data, 1)[0].image_index == best
 
 
 def test_check_k_only_accepts_whole_numbers_in_range():
@@ -120,6 +121,67 @@ def test_more_like_matches_argsort_without_the_image_itself(searcher, k):
         hits = searcher.more_like(row, k)
         assert row not in {hit.image_index for hit in hits}
         assert_same_ranking(hits, scores, expected)
+
+
+def near_tie_index(rows: int = 20_000, crowd: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float16 index where ``crowd`` rows score near 0.806, most of them closer together than float16 can tell apart
+    (its step there is 5e-4), and a float32 query: the case the float32 re-ranking exists for."""
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.nn.functional.normalize(torch.randn(128, generator=generator), dim=0)
+    others = torch.nn.functional.normalize(torch.randn(rows - crowd, 128, generator=generator), dim=1)
+    jitter = torch.randn(crowd, 128, generator=generator) * 0.0005
+    aside = torch.nn.functional.normalize(torch.randn(128, generator=generator), dim=0)
+    crowd_rows = torch.nn.functional.normalize(0.8 * query + 0.6 * aside + jitter, dim=1)  # all score ~0.806
+    index = torch.cat([others, crowd_rows])[torch.randperm(rows, generator=generator)]
+    return index.half(), query
+
+
+@pytest.mark.parametrize("k", [1, 10, MAX_K])
+def test_float16_index_ranks_exactly_as_float32_even_among_near_ties(k):
+    index, query = near_tie_index()
+    _, crowded = reference_top(index, query, MAX_K)
+    assert (index @ query.half())[crowded].unique().numel() <= 3  # float16 scores cannot order the 50 best
+    scores, expected = reference_top(index, query, k)
+    top = scores[expected]
+    values, rows = Searcher._top(index, query, k)
+    torch.testing.assert_close(torch.tensor(values), top, atol=TIE, rtol=0)
+    for position, (row, want) in enumerate(zip(rows, expected, strict=True)):
+        assert row == want or abs(float(scores[row]) - float(scores[want])) <= TIE, (position, row, want)
+    for exclude in expected[:2]:  # "more like this": the excluded row is never returned, the rest still exact
+        _, reference = reference_top(index, query, k, exclude=exclude)
+        values, rows = Searcher._top(index, query, k, exclude=exclude)
+        assert exclude not in rows
+        torch.testing.assert_close(torch.tensor(values), scores[reference], atol=TIE, rtol=0)
+
+
+def test_a_row_the_query_rounding_pushes_below_the_cut_is_still_found():
+    """Rounding the query to float16 moves each row's score by its own amount (up to ~2e-4 here), so a row can score
+    best in float32 yet one float16 step below the runner-up. The scan must still hand it to the re-ranking."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.nn.functional.normalize(torch.randn(128, generator=generator), dim=0)
+    rounding = query.half().float() - query
+    along = torch.nn.functional.normalize(rounding - (rounding @ query) * query, dim=0)  # where rounding pushes
+    aside = torch.randn(128, generator=generator)
+    aside = torch.nn.functional.normalize(aside - (aside @ query) * query - (aside @ along) * along, dim=0)
+    step = 2.0**-11  # float16's spacing in [0.5, 1)
+    cut = float(torch.tensor(0.8).half()) + step / 2  # float16 rounds scores above this up, below it down
+
+    def rows(push: float) -> torch.Tensor:  # scores around the cut, nudged by the query's rounding by `push` x
+        scores = [cut + offset * 1e-5 for offset in range(-30, 31)]
+        return torch.stack([a * query + push * along + (1 - a * a - push * push) ** 0.5 * aside for a in scores]).half()
+
+    def exact_and_float16(rows: torch.Tensor):
+        return rows.float() @ query, (rows @ query.half()).float()
+
+    down, up = rows(-0.5), rows(+0.5)
+    (down_exact, down_fp16), (up_exact, up_fp16) = exact_and_float16(down), exact_and_float16(up)
+    best = down[torch.where(down_fp16 < cut, down_exact, -1).argmax()]  # best in float32, rounded down in float16
+    runner_up = up[torch.where(up_fp16 > cut, -up_exact, -2).argmax()]  # lower in float32, rounded up in float16
+    index = torch.cat([torch.stack([runner_up, best]), near_tie_index(rows=1000, crowd=0)[0]])
+    exact, fp16 = exact_and_float16(index)
+    assert exact[1] > exact[0] and fp16[1] < fp16[0] == fp16.max()  # the trap is set
+    values, found = Searcher._top(index, query, 1)
+    assert found == [1] and values == pytest.approx([float(exact[1])], abs=TIE)
 
 
 def test_more_like_refuses_rows_outside_the_index(searcher):
@@ -215,7 +277,7 @@ def test_stored_captions_retrieve_their_own_image(searcher):
     with torch.inference_mode():  # one batch: padding is masked out of the mean pooling
         captions = tokenize(searcher.tokenizer, [caption for caption, _ in queries], searcher.config)
         texts = searcher.model.encode_text(**captions).float()  # [500, D]
-    best_in_test = (texts @ searcher.image_embeddings[test_rows].T).argmax(dim=1)  # the metrics.json protocol
+    best_in_test = (texts @ searcher.image_embeddings[test_rows].float().T).argmax(dim=1)  # the metrics.json protocol
     first_in_test = sum(test_rows[int(best)] == image for best, (_, image) in zip(best_in_test, queries, strict=True))
     r1, r5, r1_test = (count / len(queries) for count in (first, top5, first_in_test))
     print(

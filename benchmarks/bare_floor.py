@@ -11,25 +11,26 @@ import torch
 from crossmodal.search import Searcher
 
 
-def _top(matrix: torch.Tensor, query: torch.Tensor, k: int) -> list[int]:
-    return torch.topk(matrix @ query.to(matrix.dtype), k).indices.tolist()  # one pass in the stored dtype
+def top(matrix: torch.Tensor, query: torch.Tensor, k: int) -> list[int]:
+    """The bare scan: one matrix-vector product in the matrix's dtype, then ``topk``."""
+    return torch.topk(matrix @ query.to(matrix.dtype), k).indices.tolist()
 
 
 @torch.inference_mode()
 def text_to_image(searcher: Searcher, tokens: dict[str, torch.Tensor], k: int) -> list[int]:
     """``tokens``: ``preprocess.tokenize`` of one caption."""
-    return _top(searcher.image_embeddings, searcher.model.encode_text(**tokens)[0], k)
+    return top(searcher.image_embeddings, searcher.model.encode_text(**tokens)[0], k)
 
 
 @torch.inference_mode()
 def image_to_text(searcher: Searcher, pixels: torch.Tensor, k: int) -> list[int]:
     """``pixels``: ``preprocess.image_batch`` of one decoded image, [1, 3, S, S]."""
-    return _top(searcher.text_embeddings, searcher.model.encode_image(pixels)[0], k)
+    return top(searcher.text_embeddings, searcher.model.encode_image(pixels)[0], k)
 
 
 @torch.inference_mode()
 def image_to_image(searcher: Searcher, pixels: torch.Tensor, k: int) -> list[int]:
-    return _top(searcher.image_embeddings, searcher.model.encode_image(pixels)[0], k)
+    return top(searcher.image_embeddings, searcher.model.encode_image(pixels)[0], k)
 
 
 def tokens_from_ids(ids: str) -> dict[str, torch.Tensor]:

@@ -171,6 +171,24 @@ def phone_uploads(ours: InProcess, floor: Floor, count: int) -> tuple[list[float
     return interleave([lambda index: ours.image_to_text_bytes(phone[index % len(phone)]), floor.image_to_text], count)
 
 
+def _scan(matrix: torch.Tensor, queries: torch.Tensor) -> Callable[[int], list[int]]:
+    return lambda index: bare_floor.top(matrix, queries[index], K)
+
+
+def scan_rows(searcher: Searcher, count: int) -> None:
+    """Context: the floor's scan alone over each stored matrix (float16), next to the same scan over a float32 copy,
+    query by query: what storing the index in float16 buys. The ratio is float32's time to float16's."""
+    generator = torch.Generator().manual_seed(0)
+    for name, matrix in (("images", searcher.image_embeddings), ("captions", searcher.text_embeddings)):
+        wide = matrix.float()
+        queries = torch.nn.functional.normalize(torch.randn(count, matrix.shape[1], generator=generator), dim=1)
+        stored, single = interleave([_scan(matrix, queries), _scan(wide, queries)], count)
+        shape = f"{matrix.shape[0]:,} x {matrix.shape[1]} {name}"
+        print(_row(f"scan + topk over {shape}, {str(matrix.dtype).removeprefix('torch.')}", stored))
+        print(_row(f"scan + topk over {shape}, float32 copy", single, percentile(stored, 0.5)) + " (context)")
+        del wide
+
+
 @contextlib.contextmanager
 def client_yields_the_cores():
     """Run this thread, and the client threads it starts, at SCHED_IDLE: they get a core only when the server leaves
@@ -364,6 +382,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> int:
         print(_row(f"in-process {kind}", timed, percentile(floors[kind], 0.5)))
         if ratio > LATENCY_TARGET:
             missed.append(f"in-process {kind}: {ratio:.2f} x floor > {LATENCY_TARGET}")
+    scan_rows(searcher, args.queries)
     timed, floor_again = phone_uploads(ours, floor, args.queries)
     print(_row(f"in-process image_to_text, {PHONE} upload", timed, percentile(floor_again, 0.5)) + " (context)")
     # What a search costs when the machine has idled before it, as a server's has: the ratio is to the floor measured

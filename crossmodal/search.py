@@ -97,6 +97,26 @@ def check_k(k: object) -> int:
     return int(k)
 
 
+def top_k(
+    matrix: torch.Tensor, query: torch.Tensor, k: int, exclude: int | None = None
+) -> tuple[list[float], list[int]]:
+    """Scores and rows of the k rows of ``matrix`` (unit rows, float16 as stored) nearest to ``query``, best first,
+    exactly as a float32 product over the stored rows ranks and scores them.
+
+    One pass in the matrix's dtype finds every row that can be among the k best (``COARSE_SLACK`` says why that is
+    safe); only those few are scored again in float32.
+    """
+    coarse = matrix @ query.to(matrix.dtype)  # [N]: cosine similarity, both sides unit-norm
+    if exclude is not None:
+        coarse[exclude] = float("-inf")  # "more like this" should not return the image itself
+    k = min(k, coarse.numel() - (exclude is not None))
+    kth_best = torch.topk(coarse, k).values[-1]
+    candidates = torch.nonzero(coarse >= kth_best - COARSE_SLACK).squeeze(1)
+    exact = matrix[candidates].float() @ query.float()
+    top = torch.topk(exact, k)
+    return top.values.tolist(), candidates[top.indices].tolist()
+
+
 class Searcher:
     """Built once from verified artifacts; every method is safe to call from several threads at once."""
 
@@ -144,24 +164,6 @@ class Searcher:
 
     # --- ranking --------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _top(matrix: torch.Tensor, query: torch.Tensor, k: int, exclude: int | None = None):
-        """The k rows of ``matrix`` (unit rows, INDEX_DTYPE) with the highest cosine to ``query``, best first,
-        exactly as a float32 product over the stored rows would rank them.
-
-        One pass in the matrix's dtype finds every row that can be among the k best (``COARSE_SLACK`` says why
-        that is safe); only those few are scored again in float32.
-        """
-        coarse = matrix @ query.to(matrix.dtype)  # [N]: cosine similarity, both sides unit-norm
-        if exclude is not None:
-            coarse[exclude] = float("-inf")  # "more like this" should not return the image itself
-        k = min(k, coarse.numel() - (exclude is not None))
-        kth_best = torch.topk(coarse, k).values[-1]
-        candidates = torch.nonzero(coarse >= kth_best - COARSE_SLACK).squeeze(1)
-        exact = matrix[candidates].float() @ query.float()
-        top = torch.topk(exact, k)
-        return top.values.tolist(), candidates[top.indices].tolist()
-
     def _image_hits(self, scores: list[float], rows: list[int]) -> list[ImageHit]:
         return [
             ImageHit(
@@ -171,10 +173,10 @@ class Searcher:
         ]
 
     def text_to_image(self, query: TextQuery, k: int) -> list[ImageHit]:
-        return self._image_hits(*self._top(self.image_embeddings, self.encode_text(query), check_k(k)))
+        return self._image_hits(*top_k(self.image_embeddings, self.encode_text(query), check_k(k)))
 
     def image_to_image(self, data: bytes, k: int) -> list[ImageHit]:
-        return self._image_hits(*self._top(self.image_embeddings, self.encode_image(data), check_k(k)))
+        return self._image_hits(*top_k(self.image_embeddings, self.encode_image(data), check_k(k)))
 
     def row(self, image_id: str) -> int:
         """The index row of a stored image, by its id."""
@@ -187,10 +189,10 @@ class Searcher:
         if not 0 <= image_index < len(self.image_ids):
             raise QueryError("pick one of the results first")
         query = self.image_embeddings[image_index]
-        return self._image_hits(*self._top(self.image_embeddings, query, check_k(k), exclude=image_index))
+        return self._image_hits(*top_k(self.image_embeddings, query, check_k(k), exclude=image_index))
 
     def image_to_text(self, data: bytes, k: int) -> list[CaptionHit]:
-        scores, rows = self._top(self.text_embeddings, self.encode_image(data), check_k(k))
+        scores, rows = top_k(self.text_embeddings, self.encode_image(data), check_k(k))
         return [
             CaptionHit(
                 rank, score, row, self.captions[row], self.caption_image[row], self.image_ids[self.caption_image[row]]

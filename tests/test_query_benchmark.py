@@ -194,5 +194,8 @@ def test_script_prints_ratios_last_and_fails_a_missed_target(small_flickr_cache,
     assert sum("stock json client" in line and line.endswith("(context)") for line in lines) == 2 * len(KINDS)
     assert sum("ms idle" in line and line.endswith("(context)") for line in lines) == 2 * len(KINDS)
     assert sum("again after the client rows" in line and line.endswith("(context)") for line in lines) == len(KINDS)
+    scans = [line.split()[4] for line in lines if "scan + topk over" in line]  # each matrix's rows, two dtypes
+    assert scans == [str(SMALL_INDEX)] * 2 + [str(5 * SMALL_INDEX)] * 2
+    assert sum("float16" in line for line in lines if "scan + topk" in line) == 2
     assert "start-up extra s" in lines[-1]
     assert any(line.startswith("MISSED in-process image_to_text") for line in lines)

@@ -9,7 +9,7 @@ from PIL import Image
 from crossmodal.artifacts import verify_artifacts
 from crossmodal.images import decode_image
 from crossmodal.preprocess import decode_for_eval, image_batch, tokenize
-from crossmodal.search import MAX_K, MAX_QUERY_CHARS, CaptionHit, QueryError, Searcher, check_k, clean_text
+from crossmodal.search import MAX_K, MAX_QUERY_CHARS, CaptionHit, QueryError, Searcher, check_k, clean_text, top_k
 
 ALL_IMAGES_R1_FLOOR = 0.15  # measured ~26% among all 1,200 images; chance is 1/1,200
 ALL_IMAGES_TOP5_FLOOR = 0.6  # measured ~89%
@@ -143,13 +143,13 @@ def test_float16_index_ranks_exactly_as_float32_even_among_near_ties(k):
     assert (index @ query.half())[crowded].unique().numel() <= 3  # float16 scores cannot order the 50 best
     scores, expected = reference_top(index, query, k)
     top = scores[expected]
-    values, rows = Searcher._top(index, query, k)
+    values, rows = top_k(index, query, k)
     torch.testing.assert_close(torch.tensor(values), top, atol=TIE, rtol=0)
     for position, (row, want) in enumerate(zip(rows, expected, strict=True)):
         assert row == want or abs(float(scores[row]) - float(scores[want])) <= TIE, (position, row, want)
     for exclude in expected[:2]:  # "more like this": the excluded row is never returned, the rest still exact
         _, reference = reference_top(index, query, k, exclude=exclude)
-        values, rows = Searcher._top(index, query, k, exclude=exclude)
+        values, rows = top_k(index, query, k, exclude=exclude)
         assert exclude not in rows
         torch.testing.assert_close(torch.tensor(values), scores[reference], atol=TIE, rtol=0)
 
@@ -180,7 +180,7 @@ def test_a_row_the_query_rounding_pushes_below_the_cut_is_still_found():
     index = torch.cat([torch.stack([runner_up, best]), near_tie_index(rows=1000, crowd=0)[0]])
     exact, fp16 = exact_and_float16(index)
     assert exact[1] > exact[0] and fp16[1] < fp16[0] == fp16.max()  # the trap is set
-    values, found = Searcher._top(index, query, 1)
+    values, found = top_k(index, query, 1)
     assert found == [1] and values == pytest.approx([float(exact[1])], abs=TIE)
 
 

@@ -46,8 +46,8 @@ GOLDEN_INDEX_TOLERANCE = 0.02  # recorded thumbnail-to-index cosine must be repr
 UNIT_NORM_TOLERANCE = 1e-3
 # The embeddings are stored and searched in float16: half the download and memory of float32, and on CPU torch's
 # float16 matrix-vector product runs at memory speed (6 ms over Flickr30k's 158,915 captions on 2 cores, against
-# 37 ms in float32, whose BLAS path runs on one core). Rounding moves a score by under 1e-4, well inside the noise of
-# Recall@K (docs/benchmarks.md); ``crossmodal.search`` re-ranks its candidates in float32 so results stay exact.
+# 37 ms in float32, whose BLAS path runs on one core). Rounding moves a score by ~1e-4 (at most ~1e-3), inside the
+# noise of Recall@K (docs/benchmarks.md); ``crossmodal.search`` re-ranks its candidates in float32: results stay exact.
 INDEX_DTYPE = torch.float16
 STORED_DTYPES = (torch.float16, torch.float32)  # float32: folders written before the switch, converted at load
 _NORM_CHUNK_ROWS = 16_384  # rows upcast at a time to check norms, so the check never holds a float32 copy

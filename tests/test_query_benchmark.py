@@ -76,7 +76,6 @@ def test_floor_finds_what_the_search_finds(tiny_searcher, tmp_path):
             found, wanted = getattr(floor, kind)(index), getattr(ours, kind)(index)
             assert len(found) == len(wanted) == query_latency.K
             torch.testing.assert_close(scores[found], scores[wanted], atol=1e-3, rtol=0, msg=(kind, index))
-            assert sum(a != b for a, b in zip(found, wanted, strict=True)) <= query_latency.K // 2, (kind, index)
     # and the search's is the brute-force float32 ranking
     query = tiny_searcher.encode_text(tiny_searcher.text_query(queries.texts[0]))
     reference = torch.argsort(tiny_searcher.image_embeddings.float() @ query, descending=True)[: query_latency.K]

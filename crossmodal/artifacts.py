@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from crossmodal.config import ModelConfig
+from crossmodal.devices import safetensors_device
 from crossmodal.integrity import DIGESTS
 from crossmodal.model import DualEncoder, build_model
 from crossmodal.preprocess import decode_for_eval, image_batch, tokenize
@@ -169,7 +170,7 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[DualEn
         model, _ = build_model(config, tokenizer, pretrained=False)
     path = folder / "model.safetensors"
     try:
-        weights = load_file(path, device=str(device))
+        weights = load_file(path, device=safetensors_device(device))
     except (OSError, SafetensorError) as error:
         raise ArtifactError(f"{path}: unreadable weights ({error})") from error
     expected = set(model.state_dict())
@@ -208,7 +209,7 @@ def _load_embeddings(folder: Path, name: str, manifest: dict[str, Any], rows: in
     deviation = (norms - 1).abs()
     if deviation.max() > UNIT_NORM_TOLERANCE:
         row = int(deviation.argmax())
-        raise ArtifactError(f"{path}: row {row} has norm {1 + float(deviation[row]):.4f}, expected unit norm")
+        raise ArtifactError(f"{path}: row {row} has norm {float(norms[row]):.4f}, expected unit norm")
     return embeddings.to(INDEX_DTYPE)
 
 

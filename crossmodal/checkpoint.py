@@ -20,6 +20,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from crossmodal.devices import safetensors_device
+
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"
 
@@ -151,9 +153,10 @@ def load_checkpoint(
             f"note: {path.name} was written by {state['num_processes']} processes, resuming with "
             f"{accelerator.num_processes}; weights and optimizer resume exactly, augmentation RNG per process does not"
         )
-    load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"), device=str(accelerator.device))
+    device = safetensors_device(accelerator.device)
+    load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"), device=device)
     extra = json.loads((path / "training.json").read_text())
-    optimizer_tensors = load_file(path / "optimizer.safetensors", device=str(accelerator.device))
+    optimizer_tensors = load_file(path / "optimizer.safetensors", device=device)
     optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, extra["optimizer"]))
     scheduler.load_state_dict(extra["scheduler"])
     if accelerator.scaler is not None and extra["scaler"] is not None:

@@ -27,6 +27,7 @@ from crossmodal import checkpoint
 from crossmodal.augment import EncodedImage, TrainAugment, decode_batch
 from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, ModelConfig, TrainConfig
 from crossmodal.data import DataSource, EpochShuffle, TrainPairs, caption_table, check_rows, load_splits
+from crossmodal.devices import safetensors_device
 from crossmodal.indexing import CaptionBatcher, encode_captions, encode_images
 from crossmodal.loss import clip_loss
 from crossmodal.metrics import recall_at_k
@@ -348,7 +349,10 @@ def train(
     best_path = output_dir / "best" / "model.safetensors"
     bad_in_a_row = 0
     while state.epoch < train_config.epochs and (max_steps is None or state.global_step < max_steps):
-        loader.set_epoch(state.epoch)
+        loader.set_epoch(state.epoch)  # the sampler's order
+        # The dataset's captions and crops: Accelerate forwards set_epoch to the dataset only when it finds no sampler
+        # to forward it to, which holds for one process but not for its sharded batch sampler in several.
+        dataset.set_epoch(state.epoch)
         epoch_loader = accelerator.skip_first_batches(loader, state.batches_done) if state.batches_done else loader
         model.train()
         epoch_losses: list[float] = []
@@ -425,7 +429,7 @@ def train(
     # 6. The best epoch's weights; the test split, once.
     accelerator.wait_for_everyone()
     if best_path.exists():
-        load_model(unwrapped, str(best_path), device=str(accelerator.device))
+        load_model(unwrapped, str(best_path), device=safetensors_device(accelerator.device))
     best_val = next((entry["val"] for entry in state.history if entry["epoch"] == state.best_epoch), {})
     test_embeddings = encode_rows(accelerator, unwrapped, tokenizer, splits["test"], train_config.eval_batch_size)
     test = split_metrics(test_embeddings)

@@ -2,14 +2,16 @@
 
     python -m benchmarks.tiny_end_to_end
 
-run:   `accelerate launch train_accelerate.py --preset tiny` on the generated dataset (1000/100/100 images), exactly
-       as scripts/demo.sh runs it: data checks, the preset's epochs with validation, test, embeddings, artifacts.
+run:   `accelerate launch train_accelerate.py --preset tiny` on the generated dataset (1000/100/100 images), as
+       scripts/demo.sh runs it, with accelerate's defaults spelt out so that no local `accelerate config` changes it:
+       data checks, the preset's epochs with validation, test, embeddings, artifacts.
 floor: the same number of optimizer steps of the tiny model on batches already in memory (bare compute).
 The ratio says how much the data path, evaluation, start-up and artifact writing add on top of the arithmetic.
 """
 
 from __future__ import annotations
 
+import argparse
 import platform
 import resource
 import statistics
@@ -31,7 +33,8 @@ from crossmodal.config import PRESETS
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="crossmodal-tiny-"))
     preset = PRESETS["tiny"].train
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The offline demo: generate a Flickr30k-schema dataset, train the tiny preset on it, write the artifact folder,
 # then serve it at http://127.0.0.1:7860 (Ctrl-C stops the server). Pass --no-serve to stop after training.
+# These are README's typed-out quick start commands, word for word (tests/test_readme.py holds them to it).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # the demo downloads nothing
 python -m crossmodal.synthetic --out data/synthetic
-accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-  train_accelerate.py --preset tiny --dataset data/synthetic --output-dir runs/tiny
+accelerate launch train_accelerate.py --preset tiny --dataset data/synthetic --output-dir runs/tiny
 python -m crossmodal.evaluate --artifacts runs/tiny/artifacts
 if [ "${1:-}" != "--no-serve" ]; then
   python app.py --artifacts runs/tiny/artifacts

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Lint, then the whole test suite (about 5 minutes on 2 CPU cores).
+# Lint, then the whole test suite (README gives its time on 2 CPU cores).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 ruff check .

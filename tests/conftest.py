@@ -1,4 +1,4 @@
-"""Shared fixtures: generated datasets on disk and one real tiny training run through the CLI."""
+"""Shared fixtures: generated datasets on disk, README's demo run (one real tiny training run) and its app."""
 
 from __future__ import annotations
 
@@ -10,13 +10,22 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALL
 
 import subprocess
 import sys
+import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import datasets
+import pyarrow.parquet as pq
 import pytest
+from gradio_client import Client
+from huggingface_hub import HfApi
 
-from crossmodal import synthetic
-from tests.live_server import start_app
+from crossmodal import hub, synthetic
+from tests.live_server import free_port, start_app
+from tests.readme import DEMO, Sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,15 +84,72 @@ def full_dataset(tmp_path_factory) -> Path:
     return folder
 
 
+@dataclass
+class DemoRun:
+    artifacts: Path  # runs/tiny/artifacts in the sandbox
+    url: str  # where its app answered
+    answer: list[dict]  # /text_to_image's JSON for each query sent
+    queries: list[tuple[str, str]]  # (test caption, its image id)
+    exit_code: int  # after Ctrl-C
+    log: str
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, full_dataset) -> Path:
-    """One full `tiny` training run through `accelerate launch`, shared by the end-to-end and artifact tests."""
-    output = tmp_path_factory.mktemp("tiny_run")
-    run_cli(
-        *accelerate_command(1), "train_accelerate.py", "--preset", "tiny", "--dataset", full_dataset,
-        "--output-dir", output,
-    )  # fmt: skip
-    return output / "artifacts"
+def readme_sandbox(tmp_path_factory) -> Sandbox:
+    """A fresh-clone-like folder where README's commands run as typed (tests/readme.py)."""
+    return Sandbox.create(tmp_path_factory.mktemp("readme"))
+
+
+@pytest.fixture(scope="session")
+def demo_run(readme_sandbox, tmp_path_factory) -> DemoRun:
+    """README's first command, `bash scripts/demo.sh`, as typed: it generates the data, trains the `tiny` preset
+    under `accelerate launch`, evaluates, and serves; once the app answers, five held-out captions are searched for
+    through gradio_client, then Ctrl-C stops it. Its artifact folder is the `tiny_run` the other tests share."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("demo") / "demo.log"
+    process = readme_sandbox.start(DEMO, log, GRADIO_SERVER_PORT=str(port))
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_serving(url, process, log, timeout=900)  # training first: ~2-3 min on 2 cores
+        artifacts = readme_sandbox.root / "runs" / "tiny" / "artifacts"
+        queries = held_out_captions(artifacts, count=5)
+        client = Client(url, verbose=False, download_files=False)
+        answer = [client.predict(caption, 10, api_name="/text_to_image")[1] for caption, _ in queries]
+    finally:
+        exit_code = Sandbox.ctrl_c(process) if process.poll() is None else process.returncode
+    return DemoRun(artifacts, url, answer, queries, exit_code, log.read_text())
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"exited with {process.returncode} before serving:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"nothing answered at {url} within {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def held_out_captions(artifacts: Path, count: int) -> list[tuple[str, str]]:
+    """The first caption of each of the first ``count`` test images, with the image's id."""
+    images = pq.read_table(artifacts / "images.parquet", columns=["image_id", "split"]).to_pydict()
+    captions = pq.read_table(artifacts / "captions.parquet").to_pydict()
+    first_caption = {}
+    for caption, row in zip(captions["caption"], captions["image_index"], strict=True):
+        first_caption.setdefault(row, caption)
+    test_rows = [row for row, split in enumerate(images["split"]) if split == "test"][:count]
+    return [(first_caption[row], images["image_id"][row]) for row in test_rows]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo_run) -> Path:
+    """The artifact folder of README's demo: one full `tiny` training run, shared by the end-to-end, artifact, hub
+    and app tests."""
+    return demo_run.artifacts
 
 
 def corrupt_images(source: Path, destination: Path, fraction: float) -> int:
@@ -111,3 +177,25 @@ def app_server(tiny_run, tmp_path_factory):
     yield server
     server.process.terminate()
     server.process.wait(timeout=30)
+
+
+# --- the Hub's upload side, mocked: the only boundary the tests fake ----------------------------------------------
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+COMMIT_URL = f"https://hub.invalid/owner/name/commit/{SHA}"  # CommitInfo-like: the code only prints what it gets
+
+
+@pytest.fixture
+def api() -> mock.NonCallableMagicMock:
+    """An HfApi whose every method is checked against the real signatures, and which sends nothing."""
+    api = mock.create_autospec(HfApi, instance=True)
+    api.create_commit.return_value = SimpleNamespace(oid=SHA, commit_url=COMMIT_URL)
+    return api
+
+
+@pytest.fixture
+def hf_api_class(monkeypatch, api) -> mock.MagicMock:
+    """Replace the HfApi that crossmodal.hub builds, recording how it was built (the token goes in here)."""
+    factory = mock.MagicMock(return_value=api)
+    monkeypatch.setattr(hub, "HfApi", factory)
+    return factory

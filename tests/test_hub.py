@@ -13,21 +13,18 @@ import os
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from unittest import mock
 
 import httpx2
 import pytest
 import yaml
-from huggingface_hub import CommitOperationAdd, HfApi, SpaceCard, constants
+from huggingface_hub import CommitOperationAdd, SpaceCard, constants
 from huggingface_hub.errors import HfHubHTTPError
 
 import push_to_hub
 from crossmodal import hub
 from crossmodal.artifacts import ArtifactError
+from tests.conftest import COMMIT_URL, SHA
 
-SHA = "0123456789abcdef0123456789abcdef01234567"
-COMMIT_URL = f"https://hub.invalid/owner/name/commit/{SHA}"  # CommitInfo-like: the code only prints what it gets
 TOKEN = "hf_SECRETvalue123"
 
 
@@ -38,22 +35,6 @@ TOKEN = "hf_SECRETvalue123"
 def folder(tiny_run: Path, tmp_path: Path) -> Path:
     """A private copy of the real tiny-run artifact folder, free to damage."""
     return Path(shutil.copytree(tiny_run, tmp_path / "artifacts"))
-
-
-@pytest.fixture
-def api() -> mock.NonCallableMagicMock:
-    """An HfApi whose every method is checked against the real signatures, and which sends nothing."""
-    api = mock.create_autospec(HfApi, instance=True)
-    api.create_commit.return_value = SimpleNamespace(oid=SHA, commit_url=COMMIT_URL)
-    return api
-
-
-@pytest.fixture
-def hf_api_class(monkeypatch, api) -> mock.MagicMock:
-    """Replace the HfApi that crossmodal.hub builds, recording how it was built (the token goes in here)."""
-    factory = mock.MagicMock(return_value=api)
-    monkeypatch.setattr(hub, "HfApi", factory)
-    return factory
 
 
 @pytest.fixture

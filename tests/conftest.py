@@ -10,8 +10,6 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALL
 
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +22,7 @@ from gradio_client import Client
 from huggingface_hub import HfApi
 
 from crossmodal import hub, synthetic
-from tests.live_server import free_port, start_app
+from tests.live_server import free_port, start_app, wait_until_answering
 from tests.readme import DEMO, Sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +108,7 @@ def demo_run(readme_sandbox, tmp_path_factory) -> DemoRun:
     process = readme_sandbox.start(DEMO, log, GRADIO_SERVER_PORT=str(port))
     url = f"http://127.0.0.1:{port}/"
     try:
-        wait_until_serving(url, process, log, timeout=900)  # training first: ~2-3 min on 2 cores
+        wait_until_answering(url, process, log, timeout=900)  # training first: ~2-3 min on 2 cores
         artifacts = readme_sandbox.root / "runs" / "tiny" / "artifacts"
         queries = held_out_captions(artifacts, count=5)
         client = Client(url, verbose=False, download_files=False)
@@ -118,20 +116,6 @@ def demo_run(readme_sandbox, tmp_path_factory) -> DemoRun:
     finally:
         exit_code = Sandbox.ctrl_c(process) if process.poll() is None else process.returncode
     return DemoRun(artifacts, url, answer, queries, exit_code, log.read_text())
-
-
-def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"exited with {process.returncode} before serving:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    pytest.fail(f"nothing answered at {url} within {timeout} s:\n{log.read_text()[-4000:]}")
 
 
 def held_out_captions(artifacts: Path, count: int) -> list[tuple[str, str]]:

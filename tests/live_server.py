@@ -46,15 +46,21 @@ def start_app(
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/"
+    wait_until_answering(url, process, log, timeout)
+    return Server(url, process, artifacts, log)
+
+
+def wait_until_answering(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Return once ``url`` answers 200; raise with the end of ``log`` if ``process`` exits or time runs out first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{command[1]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{process.args} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
-                    return Server(url, process, artifacts, log)
+                    return
         except OSError:
             time.sleep(0.5)
     process.kill()
-    raise RuntimeError(f"app.py did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"nothing answered at {url} within {timeout} s:\n{log.read_text()[-3000:]}")

@@ -99,6 +99,14 @@ class Sandbox:
 
     @staticmethod
     def ctrl_c(process: subprocess.Popen, timeout: float = 60) -> int:
-        """What Ctrl-C in a terminal does: SIGINT to the whole foreground process group; returns the exit code."""
+        """What Ctrl-C in a terminal does: SIGINT to the whole foreground process group; returns the exit code.
+
+        A group that outlives ``timeout`` is killed, so no server is left behind, and the failure says so."""
         os.killpg(process.pid, signal.SIGINT)
-        return process.wait(timeout=timeout)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as expired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            message = f"{process.args} ignored Ctrl-C for {timeout} s (was SIGINT ignored where the tests started?)"
+            raise AssertionError(message) from expired

@@ -3,7 +3,9 @@
     python -m benchmarks.noop_app --artifacts PATH --port 7861      # same flags as app.py
 
 No-op twins (``/noop_<kind>``) take the same inputs as their endpoint (the client uploads the same image) and return
-an answer of the same shape and size, computed at start-up, but search nothing. Timed through ``gradio_client`` they
+an answer of the same shape and size, computed at start-up, but search nothing, one request at a time (as the
+endpoints did before they were batched). ``/batch_sizes`` reports how many batches of each size every
+endpoint and twin has run (``benchmarks.load_test`` reads it). Timed through ``gradio_client`` they
 measure what Gradio and the client cost for that request: the queue, the upload, the JSON, the gallery files the
 client downloads.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from collections.abc import Callable
 
 from crossmodal.integrity import prefetch_source
 
@@ -40,27 +43,41 @@ def add_twins(blocks: gr.Blocks, handlers: app.Handlers) -> None:
     """No-op and floor twins of the three endpoints, answering from answers computed here, once.
 
     Gallery answers are the neighbours of a few stored images ("more like this", which encodes nothing), taken in
-    turn, so Gradio has their files in its cache after the first calls: the twins pay the framework's cost at its
-    cheapest, and bringing a real answer's new files into the cache counts against the endpoint. (The benchmark's
-    random-weight index answers 100 text queries with 41 distinct images, so fresh files for every twin answer would
-    have favoured the endpoint: 0-3 ms a call, measured.)
+    turn. Their thumbnails lie in the app's media folder, which Gradio serves as a static path, like every answer's:
+    a twin pays what the endpoint pays to show a picture, except writing a new thumbnail the first time it is shown.
     """
     searcher = handlers.searcher
     rows = range(min(GALLERY_ANSWERS, len(searcher.image_ids)))
     galleries = itertools.cycle([handlers.more_like_this(searcher.image_ids[row], K) for row in rows])
-    caption_answer = handlers.image_to_text({"path": handlers.thumbnail_file(0)}, K)
+    tables, table_results = handlers.image_to_text([{"path": handlers.thumbnail_file(0)}], [K])
+    caption_answer = (tables[0], table_results[0])
     with gr.Column(visible=False):
         query, image, k = gr.Textbox(), gr.Image(type="filepath", image_mode=None), gr.Slider(1, app.MAX_K, value=K)
         gallery, table, results = gr.Gallery(), gr.Dataframe(), gr.JSON()
     button = gr.Button(visible=False)
-    button.click(lambda query, k: next(galleries), [query, k], [gallery, results], api_name="noop_text_to_image")
-    button.click(
-        lambda image, k: caption_answer, [image, k], [table, results], api_name="noop_image_to_text", preprocess=False
-    )
-    button.click(
-        lambda image, k: next(galleries), [image, k], [gallery, results], api_name="noop_image_to_image",
-        preprocess=False,
-    )  # fmt: skip
+
+    def twin(name: str, answer: Callable[[], tuple]) -> Callable:
+        """A no-op that answers one request at a time, as every endpoint did before batching: what the framework
+        costs per request (the reference of the load benchmark's throughput target)."""
+
+        def answer_one(query, k):
+            handlers.batch_sizes[name][1] += 1
+            return answer()
+
+        return answer_one
+
+    twins = [
+        ("noop_text_to_image", query, gallery, lambda: next(galleries)),
+        ("noop_image_to_text", image, table, lambda: caption_answer),
+        ("noop_image_to_image", image, gallery, lambda: next(galleries)),
+    ]
+    for name, source, shown, answer in twins:
+        button.click(twin(name, answer), [source, k], [shown, results], api_name=name, preprocess=False)
+
+    def batch_sizes() -> dict[str, dict[str, int]]:
+        return {name: {str(size): n for size, n in counts.items()} for name, counts in handlers.batch_sizes.items()}
+
+    button.click(batch_sizes, None, results, api_name="batch_sizes")
 
     pixels = image_batch([decode_for_eval(searcher.thumbnail(0), searcher.config)], searcher.config)
 

@@ -1,24 +1,35 @@
 """The search core: queries in, ranked results out, over verified artifacts loaded once.
 
 Queries take exactly the training-time eval preprocessing (``crossmodal.preprocess``) and the same encoders; ranking
-is one float16 matrix product and ``topk`` over the stored L2-normalised embeddings, then an exact float32 re-ranking
-of the few rows that can make the top k. Nothing is allocated per request in proportion to the corpus except the
-score vector itself.
+is one float16 matrix-vector product and ``topk`` over the stored L2-normalised embeddings, then an exact float32
+re-ranking of the few rows that can make the top k. Nothing is allocated per request in proportion to the corpus
+except the score vector itself.
+
+The app searches in batches (``search_texts``, ``search_images``): the queries that arrived together share one tower
+forward, then each is ranked by the same ``top_k`` a lone search uses, so batching changes only how fast an answer
+comes. One query we cannot answer gets its ``QueryError`` in its place and the others are answered.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+from PIL import Image
 
 from crossmodal.artifacts import LoadedArtifacts
 from crossmodal.images import ImageDecodeError
 from crossmodal.preprocess import decode_for_eval, image_batch, tokenize
 
+Checked = TypeVar("Checked")
 MAX_K = 50
+# Queries per image-tower forward. On 2 cores EfficientNet-B0 costs 34 ms for one image, 19.5 ms per image in fours
+# and 28.5 ms per image in eights (its activations outgrow the caches): docs/benchmarks.md.
+IMAGE_CHUNK = 4
 MAX_QUERY_CHARS = 2000  # far beyond any caption; keeps tokenizing a hostile megabyte of text cheap
 # How far a float16 score may sit below the exact one, twice over. A float16 product of unit vectors is off by at most
 # ~1e-3: 2^-11 from rounding the query, 2^-11 from rounding the score (torch accumulates in float32). Every row of the
@@ -90,6 +101,14 @@ def clean_text(text: object) -> str:
     return _WHITESPACE.sub(" ", "".join(kept)).strip()
 
 
+def searchable_text(text: object) -> str:
+    """The query as searched (``clean_text``), or a QueryError when nothing is left to search for."""
+    cleaned = clean_text(text)
+    if not cleaned:
+        raise QueryError("type a description to search for, e.g. 'a dog running through the snow'")
+    return cleaned
+
+
 def check_k(k: object) -> int:
     # The range test comes first: it is False for NaN and inf, which int() below cannot convert.
     if isinstance(k, bool) or not isinstance(k, int | float) or not 1 <= k <= MAX_K or k != int(k):
@@ -117,6 +136,19 @@ def top_k(
     return top.values.tolist(), candidates[top.indices].tolist()
 
 
+def checked_each(items: Sequence, check: Callable[..., Checked]) -> tuple[list, dict[int, Checked]]:
+    """``check(*item)`` for each item: a list with each refused item's QueryError in its slot (None elsewhere), and
+    the checked values of the others by slot."""
+    answers: list = [None] * len(items)
+    valid: dict[int, Checked] = {}
+    for slot, item in enumerate(items):
+        try:
+            valid[slot] = check(*item)
+        except QueryError as error:
+            answers[slot] = error
+    return answers, valid
+
+
 class Searcher:
     """Built once from verified artifacts; every method is safe to call from several threads at once."""
 
@@ -142,25 +174,42 @@ class Searcher:
     # --- encoding queries -----------------------------------------------------------------------------------------
 
     def text_query(self, text: object) -> TextQuery:
-        cleaned = clean_text(text)
-        if not cleaned:
-            raise QueryError("type a description to search for, e.g. 'a dog running through the snow'")
+        cleaned = searchable_text(text)
+        return TextQuery(cleaned, truncated=self.is_truncated(cleaned))
+
+    def is_truncated(self, text: str) -> bool:
+        """Whether ``text`` is longer than the model reads (only its first max_text_length word pieces count)."""
         limit = self.config.max_text_length
         # One piece past the limit is enough to know the model will not read it all (and keeps the tokenizer quiet).
-        pieces = len(self.tokenizer(cleaned, truncation=True, max_length=limit + 1)["input_ids"])
-        return TextQuery(cleaned, truncated=pieces > limit)
+        return len(self.tokenizer(text, truncation=True, max_length=limit + 1)["input_ids"]) > limit
 
     @torch.inference_mode()
     def encode_text(self, query: TextQuery) -> torch.Tensor:
-        return self.model.encode_text(**tokenize(self.tokenizer, [query.text], self.config))[0].float()  # [D]
+        return self.encode_texts([query.text])[0]  # [D]
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Cleaned texts -> [B, D] float32, one forward (padding is masked, so each row is what it is alone)."""
+        return self.model.encode_text(**tokenize(self.tokenizer, texts, self.config)).float()
 
     @torch.inference_mode()
     def encode_image(self, data: bytes) -> torch.Tensor:
+        return self.encode_images([self.decode(data)])[0]  # [D]
+
+    def decode(self, data: bytes | None) -> Image.Image:
+        """An upload's bytes -> the RGB image the eval transform takes, or a QueryError that says why not."""
+        if data is None:
+            raise QueryError("upload an image first")
         try:
-            image = decode_for_eval(data, self.config)
+            return decode_for_eval(data, self.config)
         except ImageDecodeError as error:
             raise QueryError(f"this image cannot be used: {error}") from error
-        return self.model.encode_image(image_batch([image], self.config))[0].float()  # [D]
+
+    @torch.inference_mode()
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """Decoded images -> [B, D] float32, in forwards of at most IMAGE_CHUNK images."""
+        chunks = [images[start : start + IMAGE_CHUNK] for start in range(0, len(images), IMAGE_CHUNK)]
+        return torch.cat([self.model.encode_image(image_batch(chunk, self.config)).float() for chunk in chunks])
 
     # --- ranking --------------------------------------------------------------------------------------------------
 
@@ -173,10 +222,12 @@ class Searcher:
         ]
 
     def text_to_image(self, query: TextQuery, k: int) -> list[ImageHit]:
-        return self._image_hits(*top_k(self.image_embeddings, self.encode_text(query), check_k(k)))
+        k = check_k(k)  # before the tower runs
+        return self._image_hits(*top_k(self.image_embeddings, self.encode_text(query), k))
 
     def image_to_image(self, data: bytes, k: int) -> list[ImageHit]:
-        return self._image_hits(*top_k(self.image_embeddings, self.encode_image(data), check_k(k)))
+        k = check_k(k)
+        return self._image_hits(*top_k(self.image_embeddings, self.encode_image(data), k))
 
     def row(self, image_id: str) -> int:
         """The index row of a stored image, by its id."""
@@ -192,13 +243,45 @@ class Searcher:
         return self._image_hits(*top_k(self.image_embeddings, query, check_k(k), exclude=image_index))
 
     def image_to_text(self, data: bytes, k: int) -> list[CaptionHit]:
-        scores, rows = top_k(self.text_embeddings, self.encode_image(data), check_k(k))
+        k = check_k(k)
+        return self._caption_hits(*top_k(self.text_embeddings, self.encode_image(data), k))
+
+    def _caption_hits(self, scores: list[float], rows: list[int]) -> list[CaptionHit]:
         return [
             CaptionHit(
                 rank, score, row, self.captions[row], self.caption_image[row], self.image_ids[self.caption_image[row]]
             )
             for rank, (score, row) in enumerate(zip(scores, rows, strict=True), start=1)
         ]
+
+    # --- batches of queries ---------------------------------------------------------------------------------------
+
+    def search_texts(self, texts: Sequence[object], ks: Sequence[object]) -> list[list[ImageHit] | QueryError]:
+        """Text -> image for queries that arrived together: one tower forward for all that can be answered."""
+        answers, valid = checked_each(
+            list(zip(texts, ks, strict=True)), lambda text, k: (searchable_text(text), check_k(k))
+        )
+        if valid:
+            vectors = self.encode_texts([text for text, _ in valid.values()])
+            for (slot, (_, k)), vector in zip(valid.items(), vectors, strict=True):
+                answers[slot] = self._image_hits(*top_k(self.image_embeddings, vector, k))
+        return answers
+
+    def search_images(
+        self, uploads: Sequence[bytes | None], ks: Sequence[object], target: str
+    ) -> list[list[ImageHit] | list[CaptionHit] | QueryError]:
+        """Image -> ``target`` ("text" or "image") for uploads that arrived together: one decode each, then shared
+        tower forwards. An upload that is not an image we accept is refused alone."""
+        answers, valid = checked_each(
+            list(zip(uploads, ks, strict=True)), lambda data, k: (self.decode(data), check_k(k))
+        )
+        if valid:
+            vectors = self.encode_images([image for image, _ in valid.values()])
+            rank = self._caption_hits if target == "text" else self._image_hits
+            matrix = self.text_embeddings if target == "text" else self.image_embeddings
+            for (slot, (_, k)), vector in zip(valid.items(), vectors, strict=True):
+                answers[slot] = rank(*top_k(matrix, vector, k))
+        return answers
 
     def thumbnail(self, image_index: int) -> bytes:
         return self.thumbnails[image_index]

@@ -173,17 +173,19 @@ def test_app_handlers_search_on_the_compute_thread(tiny_run, tmp_path):
 
         return noting_the_thread
 
-    searches = ("text_to_image", "image_to_text", "image_to_image", "more_like")
+    searches = ("search_texts", "search_images", "more_like")
     for name in searches:
         setattr(searcher, name, spy(name))  # the real search still runs; the spy only notes its thread
     handlers = app.Handlers(searcher, tmp_path, compute)
     upload = {"path": handlers.thumbnail_file(0)}
 
-    def requests():
-        gallery, results = handlers.text_to_image(searcher.captions[0], 3)
-        assert len(gallery) == len(results) == 3
-        assert len(handlers.image_to_text(upload, 4)[1]) == 4
-        assert handlers.image_to_image(upload, 2)[1][0]["image_id"] == searcher.image_ids[0]
+    def requests():  # the public handlers take a batch: one list per input, one answer per query
+        galleries, results = handlers.text_to_image([searcher.captions[0], ""], [3, 3])
+        assert len(galleries[0]) == len(results[0]) == 3
+        assert galleries[1] == [] and "Type a description" in results[1]["error"]
+        assert len(handlers.image_to_text([upload], [4])[1][0]) == 4
+        assert handlers.image_to_image([upload, None], [2, 2])[1][0][0]["image_id"] == searcher.image_ids[0]
+        assert handlers.batch_sizes == {"text_to_image": {2: 1}, "image_to_text": {1: 1}, "image_to_image": {2: 1}}
         assert len(handlers.more_like_this(searcher.image_ids[0], 5)[1]) == 5
         return threading.get_ident()
 

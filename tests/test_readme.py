@@ -46,7 +46,7 @@ BENCHMARKS = [
     "python -m benchmarks.query_latency",
     "python -m benchmarks.train_throughput",
     "python -m benchmarks.index_throughput",
-    "python -m benchmarks.load_test --artifacts runs/tiny/artifacts",
+    "python -m benchmarks.load_test",
     "python -m benchmarks.tiny_end_to_end",
 ]
 

@@ -295,3 +295,90 @@ def test_row_of_an_image_id(searcher):
     assert searcher.row(searcher.image_ids[17]) == 17
     with pytest.raises(QueryError, match="no image"):
         searcher.row("not-an-id")
+
+
+# --- batches: what the app runs ----------------------------------------------------------------------------------
+
+
+def assert_same_hits(batched, lone):
+    """A batched answer is the lone search's: the same rows in the same order, and the same scores (the towers run on
+    a padded or stacked batch, which moves a float32 embedding by ~1e-7, far under a score's printed 4 decimals)."""
+    assert [row_of(hit) for hit in batched] == [row_of(hit) for hit in lone]
+    assert [hit.rank for hit in batched] == [hit.rank for hit in lone]
+    torch.testing.assert_close(
+        torch.tensor([hit.score for hit in batched]), torch.tensor([hit.score for hit in lone]), atol=1e-5, rtol=0
+    )
+
+
+def test_a_batch_of_texts_ranks_each_query_as_a_lone_search_does(searcher):
+    # Lengths from two words to past the model's limit, so the batch pads most of them; each with its own k.
+    texts = [searcher.captions_of[row][0] for row in range(0, 600, 100)]
+    texts += ["a green ring", "red " * 60]
+    ks = [1, 5, 10, MAX_K, 3, 7, 10, 2]
+    answers = searcher.search_texts(texts, ks)
+    assert len(answers) == len(texts)
+    for text, k, answer in zip(texts, ks, answers, strict=True):
+        assert len(answer) == k
+        assert_same_hits(answer, searcher.text_to_image(searcher.text_query(text), k))
+
+
+@pytest.mark.parametrize("target", ["text", "image"])
+def test_a_batch_of_images_ranks_each_upload_as_a_lone_search_does(searcher, target):
+    # More uploads than one forward takes (IMAGE_CHUNK), of several sizes and formats.
+    uploads = [searcher.thumbnail(row) for row in range(0, 700, 100)]
+    big = io.BytesIO()
+    Image.open(io.BytesIO(uploads[0])).resize((500, 375)).save(big, format="PNG")
+    uploads.append(big.getvalue())
+    ks = [10, 1, 5, MAX_K, 2, 10, 3, 4]
+    lone = searcher.image_to_text if target == "text" else searcher.image_to_image
+    for data, k, answer in zip(uploads, ks, searcher.search_images(uploads, ks, target), strict=True):
+        assert len(answer) == k
+        assert_same_hits(answer, lone(data, k))
+
+
+def test_a_refused_query_is_answered_alone_and_the_others_are_searched(searcher):
+    texts = ["a green ring", "", "a small white star", 42, "a blue square", "a red circle"]
+    ks = [5, 5, 0, 5, 3, MAX_K + 1]
+    answers = searcher.search_texts(texts, ks)
+    refused = {slot: str(answer) for slot, answer in enumerate(answers) if isinstance(answer, QueryError)}
+    assert refused.keys() == {1, 2, 3, 5}
+    assert "type a description" in refused[1]  # empty text
+    assert f"from 1 to {MAX_K}" in refused[2] and f"from 1 to {MAX_K}" in refused[5]  # k is checked with the text
+    assert "must be text" in refused[3]
+    assert_same_hits(answers[0], searcher.text_to_image(searcher.text_query("a green ring"), 5))
+    assert_same_hits(answers[4], searcher.text_to_image(searcher.text_query("a blue square"), 3))
+
+
+def test_a_refused_upload_is_answered_alone_and_the_others_are_searched(searcher):
+    good = searcher.thumbnail(3)
+    tiny = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(tiny, format="PNG")
+    uploads = [good, None, b"", good[: len(good) // 2], tiny.getvalue(), b"GIF89a not really", good]
+    ks = [5] * 6 + [0]
+    answers = searcher.search_images(uploads, ks, "image")
+    messages = [str(answer) if isinstance(answer, QueryError) else None for answer in answers]
+    assert messages[0] is None
+    assert "upload an image first" in messages[1]
+    assert "the file is empty" in messages[2]
+    assert "corrupt or truncated" in messages[3]
+    assert "at least 16 px" in messages[4]
+    assert "cannot be used" in messages[5]
+    assert f"from 1 to {MAX_K}" in messages[6]
+    assert_same_hits(answers[0], searcher.image_to_image(good, 5))
+
+
+def test_k_is_checked_before_any_tower_runs(searcher, monkeypatch):
+    def no_tower(*args, **kwargs):
+        raise AssertionError("the tower ran for a query that was refused")
+
+    monkeypatch.setattr(searcher.model, "encode_text", no_tower)
+    monkeypatch.setattr(searcher.model, "encode_image", no_tower)
+    assert isinstance(searcher.search_texts(["a green ring"], [0])[0], QueryError)
+    assert isinstance(searcher.search_images([searcher.thumbnail(0)], [MAX_K + 1], "text")[0], QueryError)
+    for search, query in (
+        (searcher.text_to_image, searcher.text_query("a green ring")),
+        (searcher.image_to_text, searcher.thumbnail(0)),
+        (searcher.image_to_image, searcher.thumbnail(0)),
+    ):
+        with pytest.raises(QueryError, match=f"from 1 to {MAX_K}"):
+            search(query, 0)

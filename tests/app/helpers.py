@@ -119,7 +119,9 @@ def timed_call(url: str, api_name: str, body: str) -> tuple[float, str, object]:
 
 
 def queue_messages(url: str, api_name: str, data: list) -> list[dict]:
-    """Run an endpoint through the queue, as the browser does, and return every message (logs and warnings too)."""
+    """Run an event through the queue, as the browser does, and return every message (logs and warnings too).
+
+    ``api_name`` is an endpoint's name, or a private event's function name (Gradio's config lists both)."""
     with httpx.Client(base_url=url, timeout=30) as http:
         dependencies = http.get("config").json()["dependencies"]
         fn_index = next(index for index, dep in enumerate(dependencies) if dep["api_name"] == api_name)

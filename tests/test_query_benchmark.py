@@ -7,7 +7,10 @@ folder of the default architecture, and the script must report its ratios last a
 
 from __future__ import annotations
 
+import asyncio
+import re
 import ssl
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from benchmarks import bare_floor, flickr_scale, query_latency
+from benchmarks import bare_floor, flickr_scale, load_test, query_latency
 from benchmarks.common import FLICKR30K_IMAGES
 from benchmarks.measuring_client import arrivals, measuring_client
 from benchmarks.query_latency import KINDS, Floor, InProcess, make_queries
@@ -198,3 +201,33 @@ def test_script_prints_ratios_last_and_fails_a_missed_target(small_flickr_cache,
     assert sum("float16" in line for line in lines if "scan + topk" in line) == 2
     assert "start-up extra s" in lines[-1]
     assert any(line.startswith("MISSED in-process image_to_text") for line in lines)
+
+
+def test_queries_arriving_together_are_batched_and_a_bad_one_fails_only_itself(noop_server, tiny_searcher):
+    """24 text queries at once, a third of them refusable: they share batches (the server's counts say so), each good
+    one gets what it gets alone, and each bad one gets its own message."""
+    texts = [tiny_searcher.captions_of[row][0] for row in range(0, 1200, 75)]
+    queries = [(text, 3) for text in texts] + [("", 3), ("   ", 5), ("a green ring", 0), ("a red star", 99)] * 2
+
+    async def run():
+        client = load_test.GradioHttp(noop_server.url, connections=32)
+        try:
+            before = await client.batch_sizes()
+            together = await asyncio.gather(*(client.call("text_to_image", [q, k]) for q, k in queries))
+            after = await client.batch_sizes()
+            alone = [await client.call("text_to_image", [q, k]) for q, k in queries]
+        finally:
+            await client.close()
+        return before, together, after, alone
+
+    before, together, after, alone = asyncio.run(run())
+    counts = Counter(after["text_to_image"]) - Counter(before.get("text_to_image", {}))
+    assert sum(size * n for size, n in counts.items()) == len(queries)
+    assert max(counts) > 1, counts  # some arrived together and ran as one batch
+    for (query, k), (event, outputs), (_, lone) in zip(queries, together, alone, strict=True):
+        assert event == "complete", outputs
+        if query.strip() and 1 <= k <= 50:
+            assert [hit["image_id"] for hit in outputs[1]] == [hit["image_id"] for hit in lone[1]]
+            assert [hit["score"] for hit in outputs[1]] == pytest.approx([hit["score"] for hit in lone[1]], abs=1e-4)
+        else:
+            assert outputs[0] == [] and re.search("Type a description|from 1 to 50", outputs[1]["error"]), outputs

@@ -149,6 +149,13 @@ def checked_each(items: Sequence, check: Callable[..., Checked]) -> tuple[list, 
     return answers, valid
 
 
+def only(answers: list) -> list:
+    """The answer of a batch of one, or its QueryError raised."""
+    if isinstance(answers[0], QueryError):
+        raise answers[0]
+    return answers[0]
+
+
 class Searcher:
     """Built once from verified artifacts; every method is safe to call from several threads at once."""
 
@@ -221,13 +228,13 @@ class Searcher:
             for rank, (score, row) in enumerate(zip(scores, rows, strict=True), start=1)
         ]
 
+    # One query: a batch of one, so a lone search and the app's batches run the same code.
+
     def text_to_image(self, query: TextQuery, k: int) -> list[ImageHit]:
-        k = check_k(k)  # before the tower runs
-        return self._image_hits(*top_k(self.image_embeddings, self.encode_text(query), k))
+        return only(self.search_texts([query.text], [k]))
 
     def image_to_image(self, data: bytes, k: int) -> list[ImageHit]:
-        k = check_k(k)
-        return self._image_hits(*top_k(self.image_embeddings, self.encode_image(data), k))
+        return only(self.search_images([data], [k], "image"))
 
     def row(self, image_id: str) -> int:
         """The index row of a stored image, by its id."""
@@ -243,8 +250,7 @@ class Searcher:
         return self._image_hits(*top_k(self.image_embeddings, query, check_k(k), exclude=image_index))
 
     def image_to_text(self, data: bytes, k: int) -> list[CaptionHit]:
-        k = check_k(k)
-        return self._caption_hits(*top_k(self.text_embeddings, self.encode_image(data), k))
+        return only(self.search_images([data], [k], "text"))
 
     def _caption_hits(self, scores: list[float], rows: list[int]) -> list[CaptionHit]:
         return [

@@ -1,4 +1,4 @@
-"""crossmodal Space: text -> image and image -> text search over Flickr30k (DESIGN 4.4).
+"""crossmodal Space: text -> image and image -> text search over Flickr30k (docs/architecture.md, "API endpoints").
 
     python app.py --artifacts runs/tiny/artifacts                       # a local artifact folder
     CROSSMODAL_ARTIFACTS=owner/name CROSSMODAL_REVISION=<sha> python app.py   # a Hub repo pinned to a commit
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from crossmodal.integrity import prefetch_source
+from crossmodal.integrity import add_source_arguments, prefetch_source
 
 if __name__ == "__main__":
     # Start hashing the artifact files on the spare core now: the imports below keep the other one busy for seconds.
@@ -160,6 +160,7 @@ class Handlers:
         query was cut to what the model reads. UI only: API callers read the error from the results."""
         if isinstance(results, dict) and "error" in results:
             raise gr.Error(results["error"], print_exception=False)
+        # The API's outputs are fixed (gallery, results), so the page asks the tokenizer again for this warning.
         if isinstance(query, str) and self.searcher.is_truncated(clean_text(query)):
             gr.Warning(f"Long query: only its first {self.searcher.config.max_text_length} word pieces were used.")
 
@@ -303,10 +304,7 @@ def build_app(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--artifacts", default=os.environ.get("CROSSMODAL_ARTIFACTS"), help="artifact folder or Hub repo id"
-    )
-    parser.add_argument("--revision", default=os.environ.get("CROSSMODAL_REVISION"), help="Hub commit sha to pin")
+    add_source_arguments(parser)
     parser.add_argument("--host", default=None, help="default: GRADIO_SERVER_NAME or 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: GRADIO_SERVER_PORT or 7860")
     args = parser.parse_args(argv)

@@ -3,7 +3,8 @@
     accelerate launch train_accelerate.py --preset flickr30k --output-dir runs/flickr30k
     python train_accelerate.py --preset tiny --dataset data/synthetic --output-dir runs/tiny
 
-The artifact folder (DESIGN 4.3) lands in OUTPUT_DIR/artifacts; checkpoints in OUTPUT_DIR/checkpoints.
+The artifact folder (docs/architecture.md, "Artifact folder") lands in OUTPUT_DIR/artifacts; checkpoints in
+OUTPUT_DIR/checkpoints.
 """
 
 from __future__ import annotations
@@ -15,18 +16,12 @@ from pathlib import Path
 
 import torch
 
+from crossmodal.batching import loader_workers
 from crossmodal.config import DEFAULT_DATASET, IMAGE_TOWERS, PRESETS
-from crossmodal.data import BadDataError, DataSource, DataUnavailableError, SchemaError
-from crossmodal.export import Corpus, write_artifacts
-from crossmodal.indexing import encode_captions, encode_images
-from crossmodal.train import (
-    TrainingAborted,
-    TrainingInterrupted,
-    format_metrics,
-    loader_workers,
-    make_accelerator,
-    train,
-)
+from crossmodal.data import BadDataError, Corpus, DataSource, DataUnavailableError, SchemaError
+from crossmodal.encoding import encode_corpus
+from crossmodal.export import write_artifacts
+from crossmodal.train import TrainingAborted, TrainingInterrupted, format_metrics, make_accelerator, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,25 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(str(error))
         return 143  # 128 + SIGTERM, as if the signal had ended us, but with a checkpoint on disk
 
-    # 3. Embed every image and caption of the dataset for search. The corpus ends with the test split, which train()
-    #    has just encoded for its metrics: encode the rest and append those, so the test split is encoded once and the
-    #    stored test embeddings are exactly the ones the metrics were computed on.
+    # 3. Embed every image and caption of the dataset for search: the splits in artifact order, the test split last,
+    #    whose embeddings train() has already computed for its metrics and encode_corpus reuses.
     corpus = Corpus.from_splits(result.splits)
-    test = result.test_embeddings
-    head_images, head_captions = len(corpus.rows) - len(test.images), len(corpus.captions) - len(test.texts)
-    batch_size = train_config.eval_batch_size
-    workers = loader_workers(train_config.num_workers, accelerator.num_processes)
-    head = corpus.rows.select(range(head_images))
-    head_embeddings = encode_images(
-        accelerator, result.model, head, batch_size, workers, decode_on_device=train_config.decode_on_device
-    )
-    image_embeddings = torch.cat([head_embeddings, test.images])
-    text_embeddings = torch.cat(
-        [
-            encode_captions(accelerator, result.model, result.tokenizer, corpus.captions[:head_captions], batch_size),
-            test.texts,
-        ]
-    )
+    image_embeddings, text_embeddings = encode_corpus(
+        accelerator, result.model, result.tokenizer, corpus, result.test_embeddings, train_config.eval_batch_size,
+        loader_workers(train_config.num_workers, accelerator.num_processes), train_config.decode_on_device,
+    )  # fmt: skip
 
     # 4. The artifact folder, written once by the main process.
     if accelerator.is_main_process:

@@ -16,11 +16,11 @@ import datasets
 import torch
 
 from crossmodal import synthetic
+from crossmodal.batching import usable_cores
 from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, PRESETS, ModelConfig
 from crossmodal.data import DataSource, caption_table, load_splits
 from crossmodal.model import DualEncoder, build_model
 from crossmodal.tokenizer import fit_wordpiece
-from crossmodal.train import usable_cores
 
 FLICKR_SIZE = (500, 375)  # width x height of a typical Flickr30k photo
 FLICKR30K_IMAGES = 31_783
@@ -53,7 +53,8 @@ def throughput_parser(description: str) -> argparse.ArgumentParser:
 
 
 def flickr_size_rows(num_rows: int, workdir: Path, unique: int = 128) -> datasets.Dataset:
-    """``num_rows`` rows in the DESIGN 4.1 schema with 500x375 JPEGs, loaded undecoded as training loads them.
+    """``num_rows`` rows in the Flickr30k schema (docs/architecture.md, "Dataset schema") with 500x375 JPEGs, loaded
+    undecoded as training loads them.
 
     Drawing a 500x375 scene costs ~40 ms, so ``unique`` scenes are drawn and repeated: decoding a repeated JPEG
     costs what decoding a new one does.

@@ -29,15 +29,15 @@ from tqdm.auto import tqdm
 from benchmarks.common import FLICKR30K_IMAGES, FLICKR_SIZE, random_model
 from crossmodal.artifacts import GOLDEN_CAPTIONS, ArtifactError, golden_rows, verify_files
 from crossmodal.config import PRESETS
-from crossmodal.data import image_bytes
-from crossmodal.export import Corpus, write_artifacts
-from crossmodal.model import DualEncoder
-from crossmodal.preprocess import decode_for_eval, image_batch, tokenize
+from crossmodal.data import Corpus
+from crossmodal.export import write_artifacts
+from crossmodal.images import image_bytes
+from crossmodal.model import DualEncoder, tokenize
+from crossmodal.preprocess import decode_for_eval, image_batch
 from crossmodal.synthetic import FEATURES, sample_captions
 
 SPLIT_SIZES = {"train": 29_769, "val": 1_014, "test": 1_000}  # Karpathy's val and test; the rest trains
 THUMBNAIL_SIZE = (256, 192)
-PHONE_SIZE = (4032, 3024)
 _NOISE_STD = 16.0  # pixel noise that makes a 256 px JPEG as large as one of a real photo (~16 KB at quality 85)
 _CALIBRATION_IMAGES = 32
 _BUILD_VERSION = 5  # bump when the folder this writes changes, so cached folders are rebuilt
@@ -57,9 +57,7 @@ class PhotoMaker:
         width, height = size
         coarse = Image.fromarray(self.rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
         smooth = np.asarray(coarse.resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
-        noise = self.noise
-        if max(size) >= len(noise):  # a phone-size photo: the same field, tiled
-            noise = np.tile(noise, (height // len(noise) + 2, width // len(noise) + 2, 1))
+        noise = self.noise  # larger than any size asked for here (Flickr's 500x375 at most)
         top, left = self.rng.integers(0, len(noise) - height), self.rng.integers(0, noise.shape[1] - width)
         pixels = np.clip(smooth + noise[top : top + height, left : left + width], 0, 255).astype(np.uint8)
         buffer = io.BytesIO()
@@ -158,12 +156,6 @@ def query_images(count: int, seed: int = 1) -> list[bytes]:
     """``count`` distinct 500x375 photo-like JPEGs to search with."""
     photos = PhotoMaker(seed)
     return [photos.jpeg(FLICKR_SIZE, quality=95) for _ in range(count)]
-
-
-def phone_images(count: int, seed: int = 2) -> list[bytes]:
-    """``count`` distinct 12 MP (4032x3024) photo-like JPEGs: what a phone uploads."""
-    photos = PhotoMaker(seed)
-    return [photos.jpeg(PHONE_SIZE, quality=90) for _ in range(count)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
     python -m benchmarks.index_throughput --preset flickr30k --batch-size 32 --mixed-precision no --images 256  # CPU
     python -m benchmarks.index_throughput --preset tiny --mixed-precision no
 
-real:  crossmodal.indexing.encode_images / encode_captions through an Accelerator, as train_accelerate.py calls them
+real:  crossmodal.encoding.encode_images / encode_captions through an Accelerator, as train_accelerate.py calls them
        (its loader workers, its batch size): 500x375 JPEG bytes -> decode -> eval transform -> image tower; captions
        -> tokenizer -> text tower
 floor: model.encode_image on the same images already preprocessed and on the device; model.encode_text on the same
@@ -40,13 +40,14 @@ from benchmarks.common import (
     seconds,
     throughput_parser,
 )
-from crossmodal.augment import collate_images
+from crossmodal.batching import CaptionBatcher, EvalImages, collate_images, loader_workers
 from crossmodal.config import PRESETS
-from crossmodal.data import EvalImages, caption_table, image_bytes
-from crossmodal.indexing import CaptionBatcher, encode_captions, encode_images
+from crossmodal.data import caption_table
+from crossmodal.encoding import encode_captions, encode_images
+from crossmodal.images import image_bytes
 from crossmodal.model import DualEncoder
 from crossmodal.preprocess import decode_for_eval, image_batch
-from crossmodal.train import loader_workers, make_accelerator
+from crossmodal.train import make_accelerator
 
 
 @dataclass

@@ -5,11 +5,11 @@
 
 Starts ``python -m benchmarks.noop_app`` (app.py as users launch it, plus a no-op twin of each endpoint that answers
 a same-sized result without searching: the framework's own ceiling) on a free port of 127.0.0.1, then lowers its own
-CPU priority so that the server, not the client, gets the cores. The client speaks Gradio's HTTP API directly, as
-any program can: ``POST /gradio_api/upload`` for an image, ``POST /gradio_api/call/<endpoint>``, then the event
-stream ``GET /gradio_api/call/<endpoint>/<event_id>``, all from one asyncio loop (``gradio_client`` users are threads
-whose own CPU, polling and TLS set-up would be what gets measured). A request's time runs from its first byte out
-(the upload, for an image) to the end of its answer.
+CPU priority so that the server, not the client, gets the cores. The client (``benchmarks.gradio_http``) speaks
+Gradio's HTTP API directly, as any program can: ``POST /gradio_api/upload`` for an image,
+``POST /gradio_api/call/<endpoint>``, then the event stream ``GET /gradio_api/call/<endpoint>/<event_id>``, all from
+one asyncio loop (``gradio_client`` users are threads whose own CPU, polling and TLS set-up would be what gets
+measured). A request's time runs from its first byte out (the upload, for an image) to the end of its answer.
 
 For 1, 8 and 32 concurrent users, each sending its next request as soon as the last one is answered, for
 ``--seconds`` each: the three endpoints and a random mix of them, and each endpoint's no-op twin at the same
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import sys
@@ -42,13 +41,13 @@ import pyarrow.parquet as pq
 
 from benchmarks import flickr_scale
 from benchmarks.common import Target, command_line, percentile
-from tests.live_server import start_app
+from benchmarks.gradio_http import GradioHttp
+from benchmarks.live_server import start_app
 
 K = 10
 ENDPOINTS = ("text_to_image", "image_to_text", "image_to_image")
 USERS = (1, 8, 32)
 WARM_UP_SECONDS = 2.0
-REQUEST_TIMEOUT = 60.0  # s: a request still unanswered by then counts as an error (a time-out)
 BUSY_FAST = 1.0  # s: a "queue is full" answer must come back within this, not after a wait
 # This benchmark on main before batched search (commit 7de212a, 2026-12-02, 2 cores, default flags): req/s at 8 users
 # and p50 at 1 user. Issue 15 measured text -> image at 8.4 req/s at 8 users on another day with another client; its
@@ -99,69 +98,13 @@ HEADER = (
 )
 
 
-class GradioHttp:
-    """Gradio's documented HTTP API over one connection pool; every call is one person's request."""
-
-    def __init__(self, base: str, connections: int) -> None:
-        self.base = base.rstrip("/") + "/gradio_api"
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        self.http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(REQUEST_TIMEOUT))
-
-    async def close(self) -> None:
-        await self.http.aclose()
-
-    async def upload(self, data: bytes) -> dict:
-        response = await self.http.post(f"{self.base}/upload", files={"files": ("query.jpg", data, "image/jpeg")})
-        response.raise_for_status()
-        return {"path": response.json()[0], "meta": {"_type": "gradio.FileData"}}
-
-    async def call(self, endpoint: str, data: list) -> tuple[str, object]:
-        """("complete", outputs), ("error", message) or ("busy", message)."""
-        posted = await self.http.post(f"{self.base}/call/{endpoint}", json={"data": data})
-        if posted.status_code == 503:
-            return "busy", posted.text
-        if posted.status_code != 200:
-            return "error", f"HTTP {posted.status_code}: {posted.text[:200]}"
-        event_id = posted.json()["event_id"]
-        async with self.http.stream("GET", f"{self.base}/call/{endpoint}/{event_id}") as stream:
-            event = None
-            async for line in stream.aiter_lines():
-                if line.startswith("event: "):
-                    event = line[len("event: ") :]
-                elif line.startswith("data: ") and event in ("complete", "error"):
-                    return event, json.loads(line[len("data: ") :])
-        return "error", "the event stream ended without an answer"
-
-    async def fetch(self, url: str) -> None:
-        response = await self.http.get(url)
-        response.raise_for_status()
-
-    async def batch_sizes(self) -> dict[str, dict[int, int]]:
-        """The server's batch-size counts per endpoint since start-up ({} where the server does not report them)."""
-        # A connection of its own: the app on main answers an unknown endpoint with an error, after which the
-        # server closes that connection, and a pooled one would fail the next person's request.
-        reporter = GradioHttp(self.base.removesuffix("/gradio_api"), connections=1)
-        try:
-            outcome, outputs = await reporter.call("batch_sizes", [])
-        finally:
-            await reporter.close()
-        if outcome != "complete":
-            return {}
-        return {endpoint: {int(size): n for size, n in counts.items()} for endpoint, counts in outputs[0].items()}
-
-
 async def request(
     client: GradioHttp, endpoint: str, material: Material, rng: random.Random, browser: bool
 ) -> tuple[str, float, object]:
     """One person's search, timed from the first byte sent to the last byte of the answer (and its files)."""
     started = time.perf_counter()
-    if endpoint.endswith("text_to_image"):
-        query = rng.choice(material.texts)
-    else:
-        query = await client.upload(rng.choice(material.images))
-    outcome, outputs = await client.call(endpoint, [query, K])
-    if outcome == "complete" and browser and endpoint.endswith("_to_image"):
-        await asyncio.gather(*(client.fetch(item["image"]["url"]) for item in outputs[0]))
+    query = rng.choice(material.texts if endpoint.endswith("text_to_image") else material.images)
+    outcome, outputs = await client.search(endpoint, query, K, files=browser)
     return outcome, time.perf_counter() - started, outputs
 
 

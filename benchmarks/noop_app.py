@@ -5,9 +5,8 @@
 No-op twins (``/noop_<kind>``) take the same inputs as their endpoint (the client uploads the same image) and return
 an answer of the same shape and size, computed at start-up, but search nothing, one request at a time (as the
 endpoints did before they were batched). ``/batch_sizes`` reports how many batches of each size every
-endpoint and twin has run (``benchmarks.load_test`` reads it). Timed through ``gradio_client`` they
-measure what Gradio and the client cost for that request: the queue, the upload, the JSON, the gallery files the
-client downloads.
+endpoint and twin has run (``benchmarks.load_test`` reads it). Timed through a client, the no-op twins measure
+what Gradio and the client cost for that request: the queue, the upload, the JSON, the gallery files it fetches.
 
 Floor twins (``/floor_<kind>``) do what the no-op twins do and, on the compute thread as a search would, also run
 the query's floor (``benchmarks.bare_floor``): the bare tower on a prepared input, then ``topk``. Text -> image's

@@ -41,16 +41,9 @@ from benchmarks.common import (
     throughput_parser,
 )
 from crossmodal.augment import TrainAugment
+from crossmodal.batching import DeviceBatch, TrainPairs, loader_workers, make_train_loader
 from crossmodal.config import PRESETS
-from crossmodal.data import TrainPairs
-from crossmodal.train import (
-    DeviceBatch,
-    loader_workers,
-    make_accelerator,
-    make_optimizer,
-    make_train_loader,
-    train_step,
-)
+from crossmodal.train import make_accelerator, make_optimizer, train_step
 
 PREFETCH_FACTOR = 2  # DataLoader's default: batches each worker queues ahead
 

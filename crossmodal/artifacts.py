@@ -1,4 +1,5 @@
-"""The artifact folder of DESIGN 4.3: its contract, and reading it back verified (fail closed).
+"""The artifact folder (docs/architecture.md, "Artifact folder"): its contract, and reading it back verified (fail
+closed).
 
 crossmodal/export.py writes it; this side is all the app imports.
 """
@@ -20,8 +21,8 @@ from safetensors.torch import load_file
 from crossmodal.config import ModelConfig
 from crossmodal.devices import safetensors_device
 from crossmodal.integrity import DIGESTS
-from crossmodal.model import DualEncoder, build_model
-from crossmodal.preprocess import decode_for_eval, image_batch, tokenize
+from crossmodal.model import DualEncoder, build_model, tokenize
+from crossmodal.preprocess import decode_for_eval, image_batch
 from crossmodal.thumbnails import Thumbnails
 from crossmodal.tokenizer import load_tokenizer
 
@@ -68,7 +69,7 @@ def golden_rows(num_rows: int, count: int = GOLDEN_IMAGES) -> list[int]:
     return sorted({round(i * (num_rows - 1) / max(count - 1, 1)) for i in range(count)})
 
 
-def _encode_thumbnails(model: DualEncoder, thumbnails: list[bytes]) -> torch.Tensor:
+def encode_thumbnails(model: DualEncoder, thumbnails: list[bytes]) -> torch.Tensor:
     """The serving path: decode the stored thumbnail, eval preprocessing, image encoder."""
     model.eval()
     with torch.inference_mode():
@@ -160,7 +161,7 @@ def load_model_config(folder: Path) -> ModelConfig:
         raise ArtifactError(f"{path}: not a crossmodal model config ({error})") from error
 
 
-def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[DualEncoder, Any]:
+def rebuild_model(folder: Path, device: str | torch.device = "cpu") -> tuple[DualEncoder, Any]:
     """Rebuild the dual encoder from config.json with no download and load its weights strictly (eval mode)."""
     folder = Path(folder)
     config = load_model_config(folder)
@@ -241,7 +242,7 @@ def _self_test(loaded: LoadedArtifacts) -> None:
         raise ArtifactError(f"{loaded.folder / 'manifest.json'}: no golden self-test record")
     rows = golden["image_rows"]
     thumbnails = [loaded.thumbnails[row] for row in rows]
-    fresh = _encode_thumbnails(loaded.model, thumbnails)
+    fresh = encode_thumbnails(loaded.model, thumbnails)
     recorded = torch.tensor(golden["thumbnail_embeddings"])
     for position, row in enumerate(rows):
         drift = float(fresh[position] @ recorded[position])
@@ -270,49 +271,66 @@ def _self_test(loaded: LoadedArtifacts) -> None:
         )
 
 
-def _load(folder: Path, manifest: dict[str, Any]) -> LoadedArtifacts:
-    """Load every part, checking each against config.json, the manifest and the other parts."""
-    images = _read_table(folder / "images.parquet", ["image_id", "filename", "split", "thumbnail"], skip=("thumbnail",))
-    thumbnails = Thumbnails(folder / "images.parquet")  # read on another thread while the model loads
-    model, tokenizer = load_model(folder)
-    config = model.config
-    captions = _read_table(folder / "captions.parquet", ["caption", "image_index"])
-    dim = config.embed_dim
-    image_embeddings = _load_embeddings(folder, "image_embeddings.safetensors", manifest, images.num_rows, dim)
-    text_embeddings = _load_embeddings(folder, "text_embeddings.safetensors", manifest, captions.num_rows, dim)
+def _check_caption_images(captions: pa.Table, num_images: int, path: Path) -> None:
     image_index = torch.from_numpy(captions.column("image_index").to_numpy().astype("int64"))
-    if image_index.numel() and (image_index.min() < 0 or image_index.max() >= images.num_rows):
-        row = int(((image_index < 0) | (image_index >= images.num_rows)).nonzero()[0])
+    if image_index.numel() and (image_index.min() < 0 or image_index.max() >= num_images):
+        row = int(((image_index < 0) | (image_index >= num_images)).nonzero()[0])
         raise ArtifactError(
-            f"{folder / 'captions.parquet'}: caption {row} points at image {int(image_index[row])}, "
-            f"but images.parquet has {images.num_rows} rows"
+            f"{path}: caption {row} points at image {int(image_index[row])}, but images.parquet has {num_images} rows"
         )
-    _check_thumbnails(thumbnails, folder / "images.parquet", images.num_rows)
+
+
+def _read_metrics(path: Path) -> dict[str, dict[str, float]]:
     try:
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = json.loads(path.read_text())
         float(metrics["test"]["t2i_R@1"])  # the figure the app's header shows must be there
     except (ValueError, KeyError, TypeError) as error:
-        raise ArtifactError(f"{folder / 'metrics.json'}: unreadable ({error})") from error
+        raise ArtifactError(f"{path}: unreadable ({error})") from error
+    return metrics
+
+
+def _load_parts(folder: Path, manifest: dict[str, Any]) -> LoadedArtifacts:
+    """Parse every part, each checked against config.json, the manifest and the other parts, in this order."""
+    images = _read_table(folder / "images.parquet", ["image_id", "filename", "split", "thumbnail"], skip=("thumbnail",))
+    thumbnails = Thumbnails(folder / "images.parquet")  # read on another thread while the model loads
+    model, tokenizer = rebuild_model(folder)  # weights strictly against config.json
+    captions = _read_table(folder / "captions.parquet", ["caption", "image_index"])
+    dim = model.config.embed_dim
+    # Keys, shape (manifest and table rows), dtype, finite, unit norm.
+    image_embeddings = _load_embeddings(folder, "image_embeddings.safetensors", manifest, images.num_rows, dim)
+    text_embeddings = _load_embeddings(folder, "text_embeddings.safetensors", manifest, captions.num_rows, dim)
+    _check_caption_images(captions, images.num_rows, folder / "captions.parquet")  # each caption's image exists
+    _check_thumbnails(thumbnails, folder / "images.parquet", images.num_rows)  # readable, one per image
+    metrics = _read_metrics(folder / "metrics.json")
     return LoadedArtifacts(
-        folder, manifest, config, model, tokenizer, image_embeddings, text_embeddings, images, thumbnails, captions,
-        metrics,
+        folder, manifest, model.config, model, tokenizer, image_embeddings, text_embeddings, images, thumbnails,
+        captions, metrics,
     )  # fmt: skip
 
 
-def verify_artifacts(folder: Path) -> LoadedArtifacts:
+def load_verified(folder: Path) -> LoadedArtifacts:
     """Load an artifact folder only if every check passes; otherwise raise ArtifactError naming file and values.
 
-    Files against the manifest (sizes, then sha256); weights strictly against config.json; embeddings (keys, shapes,
-    finite, unit norm) against the tables; every caption's image in range; then the golden self-test. The files are
-    hashed on another thread while they load; nothing is returned before every digest matched.
+    The checks, in the order they run:
+    1. the listing: the folder exists, holds no pickle-format file, and has a readable manifest that lists every
+       contract file, each present at its recorded size (then the files start hashing on another thread);
+    2. the parts, parsed and checked against each other while they hash: the tables' columns, the weights strictly
+       against config.json, the embeddings (keys, shapes, dtype, finite, unit norm) against the tables, every
+       caption's image in range, one thumbnail per image, the metrics the app shows;
+    3. every file's sha256 against the manifest;
+    4. the golden self-test: stored thumbnails and captions, re-encoded by the serving path, give back the index.
+
+    Parsing comes before the digests are compared so the hashing overlaps the loading. That is safe because nothing
+    here runs code from a file (safetensors, Parquet and JSON only; pickles are refused in step 1) and every size is
+    already checked; nothing is returned before every digest matched.
     """
     folder = Path(folder)
-    manifest = _check_listing(folder)
+    manifest = _check_listing(folder)  # 1.
     try:
-        loaded = _load(folder, manifest)
+        loaded = _load_parts(folder, manifest)  # 2.
     except ArtifactError:
         _check_digests(folder, manifest)  # a corrupted file explains a failure better than its symptom does
         raise
-    _check_digests(folder, manifest)
-    _self_test(loaded)
+    _check_digests(folder, manifest)  # 3.
+    _self_test(loaded)  # 4.
     return loaded

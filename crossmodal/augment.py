@@ -1,9 +1,10 @@
 """Training augmentation, seeded per pair: the same crop whether pixels are decoded in a loader worker or on the device.
 
-The crop is ``image_transform(config, train=True)``'s RandomResizedCrop, with its parameters drawn from an explicit
-``torch.Generator`` seeded per pair instead of the global RNG (forking and reseeding that costs ~0.25 ms a pair); the
-draws are the same, so the pixels are too. An augmentation depends only on (run seed, epoch, row): resumed runs, any
-number of loader workers and any number of processes see the same pixels.
+The one training crop: torchvision's RandomResizedCrop (a mild one, and no flip, since captions say "left" and
+"right"), with its parameters drawn from an explicit ``torch.Generator`` seeded per pair instead of the global RNG
+(forking and reseeding that costs ~0.25 ms a pair); the draws are the same, so the pixels are too. An augmentation
+depends only on (run seed, epoch, row): resumed runs, any number of loader workers and any number of processes see
+the same pixels.
 
 Two places can decode:
 - loader workers (the default): Pillow, at a reduced JPEG scale when the output is much smaller than the source;
@@ -27,7 +28,7 @@ from torchvision.transforms.v2 import functional as F
 from crossmodal.config import ModelConfig
 from crossmodal.images import REDUCING_GAP, decode_image, draft_reduces
 
-# image_transform's RandomResizedCrop: a mild crop and torchvision's default aspect ratios.
+# The training crop: a mild random resized crop and torchvision's default aspect ratios.
 CROP_SCALE = (0.8, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
@@ -114,13 +115,6 @@ def decodes_on_device(data: bytes, draft_size: tuple[int, int] | None = None) ->
             )
     except (OSError, SyntaxError, ValueError):
         return False
-
-
-def collate_images(items: list[torch.Tensor | EncodedImage]) -> torch.Tensor | list[torch.Tensor | EncodedImage]:
-    """Stack decoded images; a batch holding images left for the device stays a list (see :func:`decode_batch`)."""
-    if any(isinstance(item, EncodedImage) for item in items):
-        return list(items)
-    return torch.stack(items)
 
 
 def decode_batch(

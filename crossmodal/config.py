@@ -51,7 +51,7 @@ class ModelConfig:
     """Everything needed to rebuild the dual encoder and its preprocessing; stored as the artifact's config.json."""
 
     image_tower: str = "torchvision:efficientnet_b0"  # ImageNet-pretrained, 5.3M params: fast on a CPU Space
-    text_tower: str = "sentence-transformers/all-MiniLM-L12-v2"  # strong 33M-param sentence encoder (DESIGN 1)
+    text_tower: str = "sentence-transformers/all-MiniLM-L12-v2"  # strong 33M-param sentence encoder
     embed_dim: int = 512  # CLIP ViT-B/32's joint width
     init: Literal["pretrained", "random"] = "pretrained"  # random: towers from config, tokenizer fit on captions
     image_size: int = 224  # EfficientNet-B0 IMAGENET1K_V1 eval crop
@@ -82,12 +82,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training recipe (DESIGN 5)."""
+    """The training recipe (docs/architecture.md, "Recipe defaults")."""
 
     epochs: int = 10  # VSE-style recipes converge on Flickr30k in 10-30 epochs from pretrained towers
     batch_size: int = 256  # global; more in-batch negatives help contrastive learning, 256 fits one GPU in bf16
     lr: float = 1e-3  # projections and logit scale; the towers get lr * tower_lr_ratio
-    tower_lr_ratio: float = 0.1  # pretrained towers move ~10x slower than the fresh projections (DESIGN 5)
+    tower_lr_ratio: float = 0.1  # pretrained towers move ~10x slower than the fresh projections
     weight_decay: float = 0.2  # CLIP; not applied to biases, norms and the logit scale
     warmup_fraction: float = 0.05  # linear warmup over the first 5% of steps, then cosine to zero
     seed: int = 42
@@ -121,7 +121,7 @@ PRESETS: dict[str, Preset] = {
     "flickr30k": Preset(
         model=ModelConfig(),
         train=TrainConfig(),
-        description="EfficientNet-B0 + MiniLM-L12 from pretrained weights; the recipe of DESIGN 5",
+        description="EfficientNet-B0 + MiniLM-L12 from pretrained weights; the recipe of docs/architecture.md",
     ),
     "tiny": Preset(
         model=ModelConfig(

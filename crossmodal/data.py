@@ -1,5 +1,5 @@
-"""Flickr30k in the DESIGN 4.1 schema: loading (Hub id@revision or a local folder), schema checks, bad-row checks,
-and the torch datasets training and indexing iterate over.
+"""Flickr30k rows in the dataset schema (docs/architecture.md, "Dataset schema"): loading (Hub id@revision or a local
+folder), schema checks, bad-row checks, and the corpus, every split in artifact order.
 
 Images stay encoded (``Image(decode=False)``) until a loader worker decodes them with :mod:`crossmodal.images`.
 """
@@ -13,15 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-import numpy as np
-import torch
-from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
-from crossmodal.augment import EncodedImage, TrainAugment, decodes_on_device
-from crossmodal.config import DEFAULT_DATASET, ModelConfig
-from crossmodal.images import ImageDecodeError, decode_image
-from crossmodal.preprocess import decode_for_eval, eval_draft_size, image_transform
+from crossmodal.config import DEFAULT_DATASET
+from crossmodal.images import ImageDecodeError, decode_image, image_bytes
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
@@ -169,15 +164,6 @@ def clean_captions(captions: list | None) -> list[str]:
     return [text.strip() for text in captions or [] if isinstance(text, str) and text.strip()]
 
 
-def image_bytes(value: dict) -> bytes:
-    """The encoded bytes of an undecoded ``datasets.Image`` value (bytes inline, or a path on disk)."""
-    if value.get("bytes"):
-        return value["bytes"]
-    if value.get("path"):
-        return Path(value["path"]).read_bytes()
-    return b""
-
-
 def _row_problem(image: dict | None, captions: list | None) -> str | None:
     if not clean_captions(captions):
         return "no non-empty caption"
@@ -228,92 +214,35 @@ def check_rows(
     return datasets.DatasetDict(kept), report
 
 
-# --- torch datasets ----------------------------------------------------------------------------------------------
-
-
-def _epoch_generator(seed: int, epoch: int, index: int = 0) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, index])
-
-
-class TrainPairs(Dataset):
-    """Item i of epoch e: image i, augmented, with one of its captions; both choices fixed by (seed, e, i).
-
-    One caption per image per epoch means a batch never holds two captions of one image, so no true pair is ever
-    used as a negative. With ``decode_on_device`` the item carries the JPEG bytes and the crop's seed instead of
-    pixels (see :mod:`crossmodal.augment`); images the device cannot decode like Pillow does are decoded here.
-    """
-
-    def __init__(
-        self, rows: datasets.Dataset, augment: TrainAugment, seed: int, decode_on_device: bool = False
-    ) -> None:
-        self.rows = rows.select_columns(["image", "caption"])  # the other columns are never read: no need to copy them
-        self.augment = augment
-        self.seed = seed
-        self.decode_on_device = decode_on_device
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | EncodedImage, str]:
-        row = self.rows[index]
-        rng = _epoch_generator(self.seed, self.epoch, index)
-        captions = clean_captions(row["caption"])
-        caption = captions[rng.integers(len(captions))]
-        data, crop_seed = image_bytes(row["image"]), int(rng.integers(2**62))
-        if self.decode_on_device and decodes_on_device(data):
-            return EncodedImage(data, crop_seed), caption
-        return self.augment.decode(data, crop_seed), caption
-
-
-class EpochShuffle(Sampler[int]):
-    """A permutation of the rows fixed by (seed, epoch): resuming mid-epoch replays the same order."""
-
-    def __init__(self, num_rows: int, seed: int) -> None:
-        self.num_rows = num_rows
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_rows
-
-    def __iter__(self):
-        return iter(_epoch_generator(self.seed, self.epoch).permutation(self.num_rows).tolist())
-
-
-class EvalImages(Dataset):
-    """Every image of ``rows`` once, eval-preprocessed as search queries are, in row order.
-
-    With ``decode_on_device``, JPEGs the device decodes to Pillow's pixels stay encoded (see :func:`decodes_on_device`).
-    """
-
-    def __init__(self, rows: datasets.Dataset, config: ModelConfig, decode_on_device: bool = False) -> None:
-        self.images = rows.select_columns(["image"])
-        self.config = config
-        self.transform = image_transform(config, train=False)
-        self.decode_on_device = decode_on_device
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> torch.Tensor | EncodedImage:
-        data = image_bytes(self.images[index]["image"])
-        if self.decode_on_device and decodes_on_device(data, eval_draft_size(self.config)):
-            return EncodedImage(data)
-        return self.transform(decode_for_eval(data, self.config))
+def caption_lists(rows: datasets.Dataset) -> list[list[str]]:
+    """Each row's captions, cleaned (:func:`clean_captions`), in row order."""
+    return [clean_captions(captions) for captions in rows["caption"]]
 
 
 def caption_table(rows: datasets.Dataset, image_offset: int = 0) -> tuple[list[str], list[int]]:
     """Flatten the captions of ``rows``: every caption, and the row (plus ``image_offset``) of its image."""
     captions, image_index = [], []
-    for row, caption_list in enumerate(rows["caption"]):
-        for caption in clean_captions(caption_list):
+    for row, captions_of_row in enumerate(caption_lists(rows)):
+        for caption in captions_of_row:
             captions.append(caption)
             image_index.append(row + image_offset)
     return captions, image_index
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Every image and caption of the dataset in artifact order: the splits concatenated in ``SPLITS`` order.
+
+    The test split comes last on purpose: training has already encoded it for its metrics, so the artifact's
+    embeddings are the rest encoded afresh plus those (:func:`crossmodal.encoding.encode_corpus`).
+    """
+
+    rows: datasets.Dataset  # one row per image (the dataset schema, images undecoded)
+    captions: list[str]
+    caption_image: list[int]  # row in ``rows`` of each caption
+
+    @classmethod
+    def from_splits(cls, splits: datasets.DatasetDict) -> Corpus:
+        rows = datasets.concatenate_datasets([splits[name] for name in SPLITS])
+        captions, caption_image = caption_table(rows)
+        return cls(rows, captions, caption_image)

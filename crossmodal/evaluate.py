@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from crossmodal.artifacts import ArtifactError, LoadedArtifacts, verify_artifacts
+from crossmodal.artifacts import ArtifactError, LoadedArtifacts, load_verified
 from crossmodal.data import BadDataError, DataSource, DataUnavailableError, SchemaError, check_rows, load_splits
-from crossmodal.metrics import recall_at_k
-from crossmodal.train import evaluate_rows
+from crossmodal.encoding import SplitEmbeddings, evaluate_split
 
 
 def metrics_from_embeddings(artifacts: LoadedArtifacts, split: str) -> dict[str, float]:
@@ -34,7 +33,7 @@ def metrics_from_embeddings(artifacts: LoadedArtifacts, split: str) -> dict[str,
     new_index = torch.full((len(image_split),), -1, dtype=torch.long)
     new_index[rows] = torch.arange(rows.numel())
     texts = artifacts.text_embeddings[in_split]
-    return recall_at_k(artifacts.image_embeddings[rows], texts, new_index[caption_image[in_split]])
+    return SplitEmbeddings(artifacts.image_embeddings[rows], texts, new_index[caption_image[in_split]]).recall()
 
 
 def metrics_from_dataset(
@@ -44,7 +43,7 @@ def metrics_from_dataset(
     accelerator = Accelerator()
     model = artifacts.model.to(accelerator.device)
     splits, _ = check_rows(load_splits(source), max_bad_fraction=0.01)
-    return evaluate_rows(accelerator, model, artifacts.tokenizer, splits[split], batch_size)
+    return evaluate_split(accelerator, model, artifacts.tokenizer, splits[split], batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args(argv)
     try:
-        artifacts = verify_artifacts(args.artifacts)
+        artifacts = load_verified(args.artifacts)
         if args.dataset is None:
             metrics = metrics_from_embeddings(artifacts, args.split)
         else:

@@ -1,4 +1,4 @@
-"""Writing the artifact folder of DESIGN 4.3, once, at the end of training.
+"""Writing the artifact folder (docs/architecture.md, "Artifact folder"), once, at the end of training.
 
 The folder is assembled in a temporary sibling folder and renamed into place, so a reader never sees half of one.
 Kept apart from crossmodal/artifacts.py (reading and verifying) so the app never imports what only writing needs:
@@ -12,13 +12,12 @@ import json
 import platform
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -33,32 +32,16 @@ from crossmodal.artifacts import (
     INDEX_DTYPE,
     THUMBNAIL_ROW_GROUP,
     ArtifactError,
-    _encode_thumbnails,
+    encode_thumbnails,
     golden_rows,
 )
 from crossmodal.config import TrainConfig
-from crossmodal.data import caption_table, image_bytes
-from crossmodal.images import decode_image
+from crossmodal.data import Corpus
+from crossmodal.images import decode_image, image_bytes
 from crossmodal.integrity import sha256_of
 from crossmodal.model import DualEncoder
 from crossmodal.model_card import render_model_card
 from crossmodal.plots import plot_similarity, plot_training
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """Every image and caption of the dataset in artifact order: splits concatenated train, val, test."""
-
-    rows: datasets.Dataset  # one row per image (schema 4.1, images undecoded)
-    captions: list[str]
-    caption_image: list[int]  # row in ``rows`` of each caption
-
-    @classmethod
-    def from_splits(cls, splits: datasets.DatasetDict) -> Corpus:
-        rows = datasets.concatenate_datasets([splits[name] for name in ("train", "val", "test")])
-        captions, caption_image = caption_table(rows)
-        return cls(rows, captions, caption_image)
-
 
 # --- writing -----------------------------------------------------------------------------------------------------
 
@@ -126,7 +109,7 @@ def _golden_record(model: DualEncoder, thumbnails: list[bytes], image_embeddings
     Thumbnails are smaller than the originals, so the second number is below 1 and recorded rather than assumed.
     """
     rows = golden_rows(len(thumbnails))
-    embeddings = _encode_thumbnails(model, [thumbnails[row] for row in rows])
+    embeddings = encode_thumbnails(model, [thumbnails[row] for row in rows])
     return {
         "image_rows": rows,
         "thumbnail_embeddings": embeddings.tolist(),

@@ -1,6 +1,7 @@
-"""The Hugging Face Hub boundary: pull an artifact folder (DESIGN 4.3) into the local cache, or push one as one commit.
+"""The Hugging Face Hub boundary: pull an artifact folder (docs/architecture.md, "Artifact folder") into the local
+cache, or push one as one commit.
 
-Everything that crosses this boundary is verified on our side of it: a pull is handed to ``verify_artifacts`` before
+Everything that crosses this boundary is verified on our side of it: a pull is handed to ``load_verified`` before
 anyone uses it, and a push verifies the folder before the first request, so a broken folder is never published and a
 broken download is never served.
 """
@@ -23,7 +24,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from crossmodal.artifacts import ALLOW_PATTERNS, ArtifactError, LoadedArtifacts, verify_artifacts
+from crossmodal.artifacts import ALLOW_PATTERNS, ArtifactError, LoadedArtifacts, load_verified
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +93,8 @@ def resolve_artifacts(source: str | Path, revision: str | None = None) -> Path:
 
 
 def load_artifacts(source: str | Path, revision: str | None = None) -> LoadedArtifacts:
-    """Resolve ``source`` (local folder or Hub repo id); load it only if every check of ``verify_artifacts`` passes."""
-    return verify_artifacts(resolve_artifacts(source, revision))
+    """Resolve ``source`` (local folder or Hub repo id); load it only if every check of ``load_verified`` passes."""
+    return load_verified(resolve_artifacts(source, revision))
 
 
 def upload_paths(manifest: dict[str, Any]) -> list[str]:
@@ -129,7 +130,7 @@ def push_artifacts(
 ) -> CommitInfo:
     """Publish a verified artifact folder to model repo ``repo_id`` as one commit; returns the commit's info.
 
-    ``verify_artifacts`` runs first: a folder that fails it raises ArtifactError before any request, not even
+    ``load_verified`` runs first: a folder that fails it raises ArtifactError before any request, not even
     ``create_repo``. Exactly the manifest's files plus manifest.json are uploaded, so stray files (editor backups,
     .DS_Store) never reach the repo. Deletions are not needed: the contract's file names are fixed.
 
@@ -141,7 +142,7 @@ def push_artifacts(
     It is never logged.
     """
     folder = Path(folder)
-    loaded = verify_artifacts(folder)
+    loaded = load_verified(folder)
     paths = upload_paths(loaded.manifest)
     api = api if api is not None else HfApi(token=token)
     api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 from PIL import Image, ImageOps
 
@@ -84,3 +85,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def image_bytes(value: dict) -> bytes:
+    """The encoded bytes of an undecoded ``datasets.Image`` value (bytes inline, or a path on disk)."""
+    if value.get("bytes"):
+        return value["bytes"]
+    if value.get("path"):
+        return Path(value["path"]).read_bytes()
+    return b""

@@ -100,16 +100,23 @@ def prefetch_folder(folder: str | os.PathLike | None) -> None:
         pass  # not a local artifact folder (a Hub id, a typo): verification reports it when it gets there
 
 
+def add_source_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The app's source flags, defaulting to their environment variables: the one definition, read by the app's
+    parser and, before the app's imports, by :func:`prefetch_source`."""
+    parser.add_argument(
+        "--artifacts", default=os.environ.get("CROSSMODAL_ARTIFACTS"), help="artifact folder or Hub repo id"
+    )
+    parser.add_argument("--revision", default=os.environ.get("CROSSMODAL_REVISION"), help="Hub commit sha to pin")
+    return parser
+
+
 def prefetch_source(argv: list[str]) -> None:
     """Start hashing the artifact folder the app was asked to serve (``--artifacts``/``CROSSMODAL_ARTIFACTS``).
 
     A local folder is hashed where it is; a Hub repo id only if its snapshot is already in the local cache (a
     Space's preloaded one). Anything unusual is left to the app's own argument parsing and verification.
     """
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--artifacts", default=os.environ.get("CROSSMODAL_ARTIFACTS"))
-    parser.add_argument("--revision", default=os.environ.get("CROSSMODAL_REVISION"))
-    known, _ = parser.parse_known_args(argv)
+    known, _ = add_source_arguments(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
     if not known.artifacts:
         return
     if Path(known.artifacts).expanduser().is_dir():

@@ -128,6 +128,15 @@ class DualEncoder(nn.Module):
         return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask), self.scale()
 
 
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The text tower's input: pad to the longest text in the batch, truncate at ``max_text_length`` word pieces.
+
+    The one text preprocessing of training, indexing and search, so query embeddings stay comparable to stored ones.
+    """
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=config.max_text_length, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
 def build_model(
     config: ModelConfig,
     tokenizer: PreTrainedTokenizerBase,

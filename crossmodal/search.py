@@ -1,6 +1,7 @@
 """The search core: queries in, ranked results out, over verified artifacts loaded once.
 
-Queries take exactly the training-time eval preprocessing (``crossmodal.preprocess``) and the same encoders; ranking
+Every query and its k are checked before any tower runs. Queries then take exactly the training-time preprocessing
+(``crossmodal.model.tokenize`` for text, ``crossmodal.preprocess`` for images) and the same encoders; ranking
 is one float16 matrix-vector product and ``topk`` over the stored L2-normalised embeddings, then an exact float32
 re-ranking of the few rows that can make the top k. Nothing is allocated per request in proportion to the corpus
 except the score vector itself.
@@ -23,7 +24,8 @@ from PIL import Image
 
 from crossmodal.artifacts import LoadedArtifacts
 from crossmodal.images import ImageDecodeError
-from crossmodal.preprocess import decode_for_eval, image_batch, tokenize
+from crossmodal.model import tokenize
+from crossmodal.preprocess import decode_for_eval, image_batch
 
 Checked = TypeVar("Checked")
 MAX_K = 50
@@ -80,12 +82,6 @@ class CaptionHit:
             "caption": self.caption,
             "image_id": self.image_id,
         }
-
-
-@dataclass(frozen=True)
-class TextQuery:
-    text: str  # what was searched, after cleaning
-    truncated: bool  # longer than the model reads: only the first max_text_length word pieces count
 
 
 def clean_text(text: object) -> str:
@@ -180,24 +176,12 @@ class Searcher:
 
     # --- encoding queries -----------------------------------------------------------------------------------------
 
-    def text_query(self, text: object) -> TextQuery:
-        cleaned = searchable_text(text)
-        return TextQuery(cleaned, truncated=self.is_truncated(cleaned))
-
     def is_truncated(self, text: str) -> bool:
-        """Whether ``text`` is longer than the model reads (only its first max_text_length word pieces count)."""
+        """Whether ``text`` is longer than the model reads (only its first max_text_length word pieces count). For the
+        page's warning only: the search itself tokenizes each text once, in :func:`tokenize`."""
         limit = self.config.max_text_length
         # One piece past the limit is enough to know the model will not read it all (and keeps the tokenizer quiet).
         return len(self.tokenizer(text, truncation=True, max_length=limit + 1)["input_ids"]) > limit
-
-    @torch.inference_mode()
-    def encode_text(self, query: TextQuery) -> torch.Tensor:
-        return self.encode_texts([query.text])[0]  # [D]
-
-    @torch.inference_mode()
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        """Cleaned texts -> [B, D] float32, one forward (padding is masked, so each row is what it is alone)."""
-        return self.model.encode_text(**tokenize(self.tokenizer, texts, self.config)).float()
 
     @torch.inference_mode()
     def encode_image(self, data: bytes) -> torch.Tensor:
@@ -230,8 +214,8 @@ class Searcher:
 
     # One query: a batch of one, so a lone search and the app's batches run the same code.
 
-    def text_to_image(self, query: TextQuery, k: int) -> list[ImageHit]:
-        return only(self.search_texts([query.text], [k]))
+    def text_to_image(self, text: str, k: int) -> list[ImageHit]:
+        return only(self.search_texts([text], [k]))
 
     def image_to_image(self, data: bytes, k: int) -> list[ImageHit]:
         return only(self.search_images([data], [k], "image"))
@@ -262,13 +246,16 @@ class Searcher:
 
     # --- batches of queries ---------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def search_texts(self, texts: Sequence[object], ks: Sequence[object]) -> list[list[ImageHit] | QueryError]:
-        """Text -> image for queries that arrived together: one tower forward for all that can be answered."""
+        """Text -> image for queries that arrived together: every text and k checked first, then one tokenization
+        and one tower forward for all that can be answered."""
         answers, valid = checked_each(
             list(zip(texts, ks, strict=True)), lambda text, k: (searchable_text(text), check_k(k))
         )
         if valid:
-            vectors = self.encode_texts([text for text, _ in valid.values()])
+            tokens = tokenize(self.tokenizer, [text for text, _ in valid.values()], self.config)
+            vectors = self.model.encode_text(**tokens).float()  # padding is masked: each row is what it is alone
             for (slot, (_, k)), vector in zip(valid.items(), vectors, strict=True):
                 answers[slot] = self._image_hits(*top_k(self.image_embeddings, vector, k))
         return answers

@@ -26,13 +26,15 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
+from crossmodal.synthetic_captions import scene_captions
+
 SPLITS = ("train", "val", "test")
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "centre")
 
-# Nominal RGB of every colour name; the drawn shade varies around it (see _Layout).
+# Nominal RGB of every colour name; the drawn shade varies around it (see Layout).
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "green": (40, 160, 50),
@@ -61,7 +63,6 @@ FEATURES = datasets.Features(
     }
 )
 
-CAPTIONS_PER_IMAGE = 5
 JPEG_QUALITY = 90
 
 # Geometry as fractions of the image: centres of the named positions, radii of the named sizes, and the jitter added
@@ -97,7 +98,7 @@ class Scene:
 
 
 @dataclass(frozen=True)
-class _Layout:
+class Layout:
     """The unnamed details of one drawing, in pixels; kept so tests can look at the object and the background."""
 
     cx: float
@@ -109,11 +110,11 @@ class _Layout:
 
 
 @dataclass(frozen=True)
-class _Example:
+class Example:
     """One generated row before it becomes a datasets row."""
 
     scene: Scene
-    layout: _Layout
+    layout: Layout
     jpeg: bytes
     captions: tuple[str, ...]
 
@@ -127,7 +128,7 @@ def all_scenes() -> list[Scene]:
     ]
 
 
-def _sample_scenes(n: int, rng: np.random.Generator) -> list[Scene]:
+def sample_scenes(n: int, rng: np.random.Generator) -> list[Scene]:
     """Draw n scenes, without replacement until the pool is exhausted, so a split's descriptions are distinct."""
     pool = all_scenes()
     order: list[int] = []
@@ -144,13 +145,13 @@ def _jitter_rgb(rgb: tuple[int, int, int], rng: np.random.Generator) -> tuple[in
     return tuple(int(v) for v in shifted)
 
 
-def _sample_layout(scene: Scene, image_size: tuple[int, int], rng: np.random.Generator) -> _Layout:
+def _sample_layout(scene: Scene, image_size: tuple[int, int], rng: np.random.Generator) -> Layout:
     width, height = image_size
     fx, fy = _POSITION_CENTRES[scene.position]
     fx += rng.uniform(-_POSITION_JITTER, _POSITION_JITTER)
     fy += rng.uniform(-_POSITION_JITTER, _POSITION_JITTER)
     radius = _SIZE_RADII[scene.size] * rng.uniform(1 - _SIZE_JITTER, 1 + _SIZE_JITTER) * min(width, height)
-    return _Layout(
+    return Layout(
         cx=fx * width,
         cy=fy * height,
         radius=radius,
@@ -160,7 +161,7 @@ def _sample_layout(scene: Scene, image_size: tuple[int, int], rng: np.random.Gen
     )
 
 
-def _polygon(points: Sequence[tuple[float, float]], layout: _Layout, scale: float) -> list[tuple[float, float]]:
+def _polygon(points: Sequence[tuple[float, float]], layout: Layout, scale: float) -> list[tuple[float, float]]:
     """Rotate unit-radius points by the layout's rotation and place them at its centre (in mask pixels)."""
     theta = math.radians(layout.rotation_deg)
     cos, sin = math.cos(theta), math.sin(theta)
@@ -199,7 +200,7 @@ def _unit_outline(shape: str) -> list[tuple[float, float]]:
     raise ValueError(f"{shape!r} is not a polygonal shape")
 
 
-def _shape_mask(shape: str, layout: _Layout, image_size: tuple[int, int]) -> np.ndarray:
+def _shape_mask(shape: str, layout: Layout, image_size: tuple[int, int]) -> np.ndarray:
     """Coverage of the object in [0, 1] per pixel, as a (height, width) float array."""
     s = _SUPERSAMPLE
     width, height = image_size
@@ -216,7 +217,7 @@ def _shape_mask(shape: str, layout: _Layout, image_size: tuple[int, int]) -> np.
     return np.asarray(mask.resize(image_size, Image.Resampling.BOX), dtype=np.float32) / 255.0
 
 
-def _background(layout: _Layout, image_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+def _background(layout: Layout, image_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """A plain, gradient or blotchy field of the background colour; only brightness varies, so the hue stays named."""
     width, height = image_size
     kind = rng.integers(3)
@@ -233,7 +234,7 @@ def _background(layout: _Layout, image_size: tuple[int, int], rng: np.random.Gen
     return np.array(layout.background_rgb, dtype=np.float32) + brightness[:, :, None]
 
 
-def _render(scene: Scene, layout: _Layout, image_size: tuple[int, int], rng: np.random.Generator) -> bytes:
+def _render(scene: Scene, layout: Layout, image_size: tuple[int, int], rng: np.random.Generator) -> bytes:
     """Draw the scene and encode it as JPEG bytes, as Flickr30k stores its images."""
     background = _background(layout, image_size, rng)
     mask = _shape_mask(scene.shape, layout, image_size)[:, :, None]
@@ -245,7 +246,7 @@ def _render(scene: Scene, layout: _Layout, image_size: tuple[int, int], rng: np.
     return buffer.getvalue()
 
 
-def _object_probe(scene: Scene, layout: _Layout) -> tuple[int, int]:
+def object_probe(scene: Scene, layout: Layout) -> tuple[int, int]:
     """A pixel (x, y) well inside the object: its centre, except for a ring, whose centre is the hole."""
     if scene.shape == "ring":
         band_middle = layout.radius * (1 + _RING_INNER_RATIO) / 2
@@ -253,7 +254,7 @@ def _object_probe(scene: Scene, layout: _Layout) -> tuple[int, int]:
     return round(layout.cx), round(layout.cy)
 
 
-def _background_probe(layout: _Layout, image_size: tuple[int, int]) -> tuple[int, int]:
+def background_probe(layout: Layout, image_size: tuple[int, int]) -> tuple[int, int]:
     """A pixel (x, y) of pure background: near the image corner farthest from the object."""
     width, height = image_size
     inset = 3
@@ -261,89 +262,10 @@ def _background_probe(layout: _Layout, image_size: tuple[int, int]) -> tuple[int
     return max(corners, key=lambda c: math.dist(c, (layout.cx, layout.cy)))
 
 
-# ---------------------------------------------------------------- captions
-
-_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
-_SHAPE_WORDS = {
-    "circle": ("circle", "disc", "filled circle", "round dot"),
-    "square": ("square", "filled square", "square block"),
-    "triangle": ("triangle", "triangular shape", "filled triangle"),
-    "star": ("star", "five-pointed star", "star shape"),
-    "cross": ("cross", "plus sign", "plus shape"),
-    "ring": ("ring", "hoop", "donut shape"),
-}
-# Every phrase must read well both alone ("... on the left.") and before "of the image".
-_POSITION_WORDS = {
-    "left": ("on the left", "on the left-hand side", "at the left"),
-    "right": ("on the right", "on the right-hand side", "at the right"),
-    "top": ("at the top", "near the top", "in the upper part"),
-    "bottom": ("at the bottom", "near the bottom", "in the lower part"),
-    "centre": ("in the centre", "in the middle", "at the center"),
-}
-_BACKGROUND_NOUNS = ("background", "backdrop")
-
-# Each template mentions all five attributes; they differ in wording and order, so picking five distinct templates
-# gives five distinct captions. Lower-case terse ones mimic the untidy annotations of real caption datasets.
-_TEMPLATES = (
-    "{Obj} {loc}, set against {a_bg} {bg} {bg_noun}.",
-    "{Loc}, there is {obj} on {a_bg} {bg} {bg_noun}.",
-    "{Obj} sitting {loc} of {a_bg} {bg} picture.",
-    "{Bg} {bg_noun} with {obj} {loc}.",
-    "{size} {colour} {shape}, {loc}, {bg} {bg_noun}",
-    "The picture shows {obj} {loc} of the frame, on {bg}.",
-    "{Obj} is drawn {loc} of the image; the {bg_noun} is {bg}.",
-    "{A_bg} {bg} image with {obj} placed {loc}.",
-    "{Loc} of {a_bg} {bg} canvas: {obj}.",
-    "{Obj} on {a_bg} {bg} {bg_noun}, positioned {loc}.",
-    "one {size} {colour} {shape} {loc} of the image, {bg} {bg_noun}",
-)
-
-
-def _pick(options: Sequence[str], rng: np.random.Generator) -> str:
-    return options[int(rng.integers(len(options)))]
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def _capitalise(text: str) -> str:
-    return text[0].upper() + text[1:]
-
-
-def _caption(template: str, scene: Scene, rng: np.random.Generator) -> str:
-    """Fill one template, drawing a synonym for every attribute independently."""
-    size = _pick(_SIZE_WORDS[scene.size], rng)
-    shape = _pick(_SHAPE_WORDS[scene.shape], rng)
-    loc = _pick(_POSITION_WORDS[scene.position], rng)
-    obj = f"{_article(size)} {size} {scene.colour} {shape}"
-    fields = {
-        "obj": obj,
-        "Obj": _capitalise(obj),
-        "size": size,
-        "colour": scene.colour,
-        "shape": shape,
-        "loc": loc,
-        "Loc": _capitalise(loc),
-        "bg": scene.background,
-        "Bg": _capitalise(scene.background),
-        "a_bg": _article(scene.background),
-        "A_bg": _capitalise(_article(scene.background)),
-        "bg_noun": _pick(_BACKGROUND_NOUNS, rng),
-    }
-    return template.format(**fields)
-
-
-def _captions(scene: Scene, rng: np.random.Generator) -> tuple[str, ...]:
-    """Five different phrasings of the same scene, like Flickr30k's five annotators."""
-    templates = rng.choice(len(_TEMPLATES), size=CAPTIONS_PER_IMAGE, replace=False)
-    return tuple(_caption(_TEMPLATES[i], scene, rng) for i in templates)
-
-
 def sample_captions(num_images: int, seed: int = 0) -> list[tuple[str, ...]]:
     """Five captions for each of ``num_images`` scenes, without drawing the pictures: text at corpus scale, fast."""
     rng = np.random.default_rng([seed, len(SPLITS)])  # a stream of its own, apart from the splits'
-    return [_captions(scene, rng) for scene in _sample_scenes(num_images, rng)]
+    return [scene_captions(scene, rng) for scene in sample_scenes(num_images, rng)]
 
 
 # ---------------------------------------------------------------- dataset
@@ -354,19 +276,19 @@ def _split_rng(seed: int, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(split)])
 
 
-def _generate_split(n: int, split: str, image_size: tuple[int, int], seed: int) -> list[_Example]:
+def _generate_split(n: int, split: str, image_size: tuple[int, int], seed: int) -> list[Example]:
     rng = _split_rng(seed, split)
     examples = []
-    for scene in _sample_scenes(n, rng):
+    for scene in sample_scenes(n, rng):
         layout = _sample_layout(scene, image_size, rng)
         jpeg = _render(scene, layout, image_size, rng)
-        examples.append(_Example(scene, layout, jpeg, _captions(scene, rng)))
+        examples.append(Example(scene, layout, jpeg, scene_captions(scene, rng)))
     return examples
 
 
-def _generate_examples(
+def generate_examples(
     num_train: int, num_val: int, num_test: int, image_size: tuple[int, int], seed: int
-) -> dict[str, list[_Example]]:
+) -> dict[str, list[Example]]:
     """The rows of `generate` with their attributes and layouts, which the dataset itself does not carry."""
     if min(num_train, num_val, num_test) < 0:
         raise ValueError("split sizes must be non-negative")
@@ -376,7 +298,7 @@ def _generate_examples(
     return {split: _generate_split(n, split, image_size, seed) for split, n in counts.items()}
 
 
-def _to_dataset(examples: list[_Example], split: str, first_id: int) -> datasets.Dataset:
+def _to_dataset(examples: list[Example], split: str, first_id: int) -> datasets.Dataset:
     ids = [first_id + i for i in range(len(examples))]
     filenames = [f"synthetic_{i:06d}.jpg" for i in ids]
     columns = {
@@ -401,7 +323,7 @@ def generate(
     image_size is (width, height). img_id counts up from 0 through train, val and test, so ids and filenames are
     unique across the whole dataset, as they are in Flickr30k.
     """
-    examples = _generate_examples(num_train, num_val, num_test, image_size, seed)
+    examples = generate_examples(num_train, num_val, num_test, image_size, seed)
     splits = {}
     first_id = 0
     for split in SPLITS:

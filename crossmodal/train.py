@@ -2,12 +2,13 @@
 
 Each epoch shows every training image once with one of its captions; validation Recall picks the best epoch; the test
 split is evaluated once, with the best weights, at the end. Checkpoints restart mid-epoch and replay the same batches.
+:func:`train` reads as its three steps: :func:`setup_run`, then :func:`run_epoch` and :func:`end_epoch` per epoch,
+then :func:`finish`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,13 +25,13 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from crossmodal import checkpoint
-from crossmodal.augment import EncodedImage, TrainAugment, decode_batch
+from crossmodal.augment import TrainAugment
+from crossmodal.batching import DeviceBatch, TrainPairs, loader_workers, make_train_loader
 from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, ModelConfig, TrainConfig
-from crossmodal.data import DataSource, EpochShuffle, TrainPairs, caption_table, check_rows, load_splits
+from crossmodal.data import DataSource, caption_table, check_rows, load_splits
 from crossmodal.devices import safetensors_device
-from crossmodal.indexing import CaptionBatcher, encode_captions, encode_images
+from crossmodal.encoding import SplitEmbeddings, encode_split, evaluate_split
 from crossmodal.loss import clip_loss
-from crossmodal.metrics import recall_at_k
 from crossmodal.model import DualEncoder, build_model
 from crossmodal.tokenizer import fit_wordpiece, load_tokenizer
 
@@ -58,15 +59,6 @@ class RunState:
 
 
 @dataclass
-class SplitEmbeddings:
-    """The embeddings of one split: every image in row order, every caption in caption_table order."""
-
-    images: torch.Tensor  # [N_images, D]
-    texts: torch.Tensor  # [N_captions, D]
-    caption_image: torch.Tensor  # [N_captions] row of each caption's image
-
-
-@dataclass
 class TrainResult:
     model: DualEncoder  # the best epoch's weights; model.config is the completed ModelConfig
     tokenizer: Any
@@ -76,50 +68,12 @@ class TrainResult:
     test_embeddings: SplitEmbeddings  # what the test metrics were computed on: the artifact reuses them
 
 
-class TrainBatcher:
-    """Stack images, tokenize the sampled captions; images left for the device to decode stay a list."""
-
-    def __init__(self, tokenizer, config: ModelConfig) -> None:
-        self.captions = CaptionBatcher(tokenizer, config)
-
-    def __call__(self, items: list[tuple[torch.Tensor | EncodedImage, str]]) -> dict[str, Any]:
-        images, captions = zip(*items, strict=True)
-        if any(isinstance(image, EncodedImage) for image in images):
-            return {"images": list(images), **self.captions(list(captions))}
-        return {"pixel_values": torch.stack(images), **self.captions(list(captions))}
-
-
-class DeviceBatch:
-    """A loader batch, on the training device, made ready for the model.
-
-    ``decode_on_device`` batches carry JPEG bytes: they are decoded and cropped here (nvjpeg on CUDA). channels_last
-    is the layout cuDNN runs EfficientNet's convolutions fastest in; a channels_last input is enough for every
-    convolution to follow it, and the weights stay contiguous for safetensors.
-    """
-
-    def __init__(self, augment: TrainAugment, device: torch.device, *, channels_last: bool) -> None:
-        self.augment = augment
-        self.device = device
-        self.channels_last = channels_last
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        batch = dict(batch)
-        if "images" in batch:
-            batch["pixel_values"] = decode_batch(batch.pop("images"), self.augment, self.device)
-        if self.channels_last:
-            batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
-        return batch
-
-
 class StopFlag:
     """Set by SIGTERM; checked between steps so the checkpoint is written at a clean boundary."""
 
     def __init__(self) -> None:
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
+        signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "requested", True))
 
 
 # --- building blocks ---------------------------------------------------------------------------------------------
@@ -162,56 +116,6 @@ def make_optimizer(model: DualEncoder, train: TrainConfig, *, fused: bool) -> to
     return torch.optim.AdamW(parameter_groups(model, train), lr=train.lr, fused=True if fused else None)
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def loader_workers(configured: int | None, num_processes: int) -> int:
-    """Loader workers per process: as configured, or every core this process's share has but one (it drives the
-    model), since decode + augment is the CPU-heavy part of a step."""
-    if configured is not None:
-        return configured
-    return max(usable_cores() // num_processes - 1, 0)
-
-
-def make_train_loader(
-    dataset: TrainPairs, tokenizer, model_config: ModelConfig, train_config: TrainConfig, num_workers: int
-) -> DataLoader:
-    """Global batches of ``dataset`` in the epoch's order (``set_epoch``), collated by :class:`TrainBatcher`."""
-    return DataLoader(
-        dataset,
-        batch_size=train_config.batch_size,
-        sampler=EpochShuffle(len(dataset), train_config.seed),
-        drop_last=True,  # every step sees a full global batch: the same number of negatives
-        num_workers=num_workers,
-        collate_fn=TrainBatcher(tokenizer, model_config),
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,  # workers must see each epoch's set_epoch
-    )
-
-
-def encode_rows(
-    accelerator: Accelerator, model: DualEncoder, tokenizer, rows: datasets.Dataset, batch_size: int
-) -> SplitEmbeddings:
-    """Embeddings of all images and captions of ``rows``."""
-    captions, caption_image = caption_table(rows)
-    images = encode_images(accelerator, model, rows, batch_size)
-    texts = encode_captions(accelerator, model, tokenizer, captions, batch_size)
-    return SplitEmbeddings(images, texts, torch.tensor(caption_image))
-
-
-def split_metrics(embeddings: SplitEmbeddings) -> dict[str, float]:
-    return recall_at_k(embeddings.images, embeddings.texts, embeddings.caption_image)
-
-
-def evaluate_rows(
-    accelerator: Accelerator, model: DualEncoder, tokenizer, rows: datasets.Dataset, batch_size: int
-) -> dict[str, float]:
-    """Recall@K of ``model`` on ``rows`` (all their images and captions)."""
-    return split_metrics(encode_rows(accelerator, model, tokenizer, rows, batch_size))
-
-
 def train_step(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -236,7 +140,7 @@ def train_step(
     return loss.item()
 
 
-# --- the run -----------------------------------------------------------------------------------------------------
+# --- the accelerator ---------------------------------------------------------------------------------------------
 
 
 def make_accelerator(
@@ -260,6 +164,48 @@ def make_accelerator(
     )
 
 
+# --- the run: set-up, one epoch, the end of an epoch, the finish ------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a run's steps share: built by :func:`setup_run`, advanced by the epochs, read by :func:`finish`."""
+
+    accelerator: Accelerator
+    train_config: TrainConfig
+    splits: datasets.DatasetDict  # after the bad-row checks
+    tokenizer: Any
+    model: torch.nn.Module  # prepared by Accelerate (wrapped in DDP when distributed)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    dataset: TrainPairs
+    loader: DataLoader
+    device_batch: DeviceBatch
+    output_dir: Path
+    state: RunState
+    stop: StopFlag
+    batches_per_epoch: int  # global batches: what a full epoch consumes on every process
+    bad_in_a_row: int = 0  # non-finite losses since the last finite one
+
+    @property
+    def unwrapped(self) -> DualEncoder:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    @property
+    def best_path(self) -> Path:
+        return self.output_dir / "best" / "model.safetensors"
+
+    def save_checkpoint(self) -> Path:
+        return checkpoint.save_checkpoint(
+            self.accelerator, self.checkpoints, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            run_state=asdict(self.state), keep=self.train_config.keep_checkpoints,
+        )  # fmt: skip
+
+
 def train(
     accelerator: Accelerator,
     model_config: ModelConfig,
@@ -275,7 +221,25 @@ def train(
     ``accelerator`` comes from :func:`make_accelerator`. ``max_steps`` stops early after that many optimizer steps
     (smoke tests of the full-size architecture).
     """
-    # 1. Accelerate's view of the run.
+    run = setup_run(accelerator, model_config, train_config, source, output_dir, resume)
+    while run.state.epoch < train_config.epochs and (max_steps is None or run.state.global_step < max_steps):
+        started = time.perf_counter()
+        losses = run_epoch(run, max_steps)
+        if run.state.batches_done < run.batches_per_epoch:  # stopped by max_steps
+            break
+        end_epoch(run, losses, time.perf_counter() - started)
+    return finish(run)
+
+
+def setup_run(
+    accelerator: Accelerator,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    source: DataSource,
+    output_dir: Path,
+    resume: str | None,
+) -> Run:
+    """Seed; load and check the data; build the tokenizer, model, optimizer, loader and schedule; resume if asked."""
     if train_config.batch_size % accelerator.num_processes:
         raise ValueError(
             f"--batch-size {train_config.batch_size} is the global batch; it must divide by the "
@@ -283,158 +247,151 @@ def train(
         )
     set_seed(train_config.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = output_dir / "checkpoints"
-    stop = StopFlag()
-
-    # 2. Data: load, check the schema and every row, refuse if too many rows are broken.
-    with accelerator.main_process_first():
-        splits, report = check_rows(load_splits(source), max_bad_fraction=train_config.max_bad_row_fraction)
-    accelerator.print(f"data {source.describe()}: {report.summary()}")
-    for example in report.examples:
-        accelerator.print(f"  skipped {example}")
-
-    # 3. Model, tokenizer, optimizer, schedule.
+    stop = StopFlag()  # installed early: a SIGTERM during set-up still ends at the first clean boundary
+    splits = load_checked(accelerator, source, train_config.max_bad_row_fraction)
     tokenizer = make_tokenizer(model_config, splits["train"], output_dir, accelerator)
     model, model_config = build_model(
-        model_config,
-        tokenizer,
-        pretrained=model_config.init == "pretrained",
+        model_config, tokenizer, pretrained=model_config.init == "pretrained",
         freeze_image_norm_stats=train_config.freeze_image_norm_stats,
-    )
+    )  # fmt: skip
     on_cuda = accelerator.device.type == "cuda"
     optimizer = make_optimizer(model, train_config, fused=on_cuda)
     augment = TrainAugment(model_config)
     dataset = TrainPairs(splits["train"], augment, train_config.seed, decode_on_device=train_config.decode_on_device)
-    device_batch = DeviceBatch(augment, accelerator.device, channels_last=on_cuda)
-    loader = make_train_loader(
-        dataset,
-        tokenizer,
-        model_config,
-        train_config,
-        loader_workers(train_config.num_workers, accelerator.num_processes),
-    )
+    workers = loader_workers(train_config.num_workers, accelerator.num_processes)
+    loader = make_train_loader(dataset, tokenizer, model_config, train_config, workers)
     batches_per_epoch = len(loader)
     if batches_per_epoch == 0:
         raise ValueError(f"{len(dataset)} training images is fewer than one global batch of {train_config.batch_size}")
-    steps_per_epoch = batches_per_epoch // train_config.grad_accum_steps
-    total_steps = steps_per_epoch * train_config.epochs
+    total_steps = batches_per_epoch // train_config.grad_accum_steps * train_config.epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(train_config.warmup_fraction * total_steps), total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     if accelerator.log_with:
         accelerator.init_trackers("crossmodal", config={**asdict(train_config), "embed_dim": model_config.embed_dim})
-
-    # 4. Resume: weights, optimizer, schedule, RNG, and where in which epoch we were.
-    state = RunState()
-    resume_from = checkpoint.resolve_resume(resume, checkpoints)
-    if resume_from is not None:
+    device_batch = DeviceBatch(augment, accelerator.device, channels_last=on_cuda)
+    run = Run(
+        accelerator, train_config, splits, tokenizer, model, optimizer, scheduler, dataset, loader, device_batch,
+        output_dir, RunState(), stop, batches_per_epoch,
+    )  # fmt: skip
+    resume_from = checkpoint.resolve_resume(resume, run.checkpoints)
+    if resume_from is not None:  # weights, optimizer, schedule, RNG, and where in which epoch we were
         saved = checkpoint.load_checkpoint(
             accelerator, resume_from, model=model, optimizer=optimizer, scheduler=scheduler
         )
-        state = RunState(**{**saved, "loss_log": [tuple(entry) for entry in saved["loss_log"]]})
-        accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, batch {state.batches_done})")
+        run.state = RunState(**{**saved, "loss_log": [tuple(entry) for entry in saved["loss_log"]]})
+        accelerator.print(f"resumed from {resume_from} (epoch {run.state.epoch}, batch {run.state.batches_done})")
+    return run
 
-    def save(run_state: RunState) -> Path:
-        return checkpoint.save_checkpoint(
-            accelerator,
-            checkpoints,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            run_state=asdict(run_state),
-            keep=train_config.keep_checkpoints,
-        )
 
-    # 5. Epochs.
-    unwrapped: DualEncoder = accelerator.unwrap_model(model)
-    best_path = output_dir / "best" / "model.safetensors"
-    bad_in_a_row = 0
-    while state.epoch < train_config.epochs and (max_steps is None or state.global_step < max_steps):
-        loader.set_epoch(state.epoch)  # the sampler's order
-        # The dataset's captions and crops: Accelerate forwards set_epoch to the dataset only when it finds no sampler
-        # to forward it to, which holds for one process but not for its sharded batch sampler in several.
-        dataset.set_epoch(state.epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, state.batches_done) if state.batches_done else loader
-        model.train()
-        epoch_losses: list[float] = []
-        started = time.perf_counter()
-        progress = tqdm(
-            epoch_loader,
-            total=batches_per_epoch,
-            initial=state.batches_done,
-            desc=f"epoch {state.epoch + 1}/{train_config.epochs}",
-            disable=not accelerator.is_local_main_process,
+def load_checked(accelerator: Accelerator, source: DataSource, max_bad_fraction: float) -> datasets.DatasetDict:
+    """Load the splits, check the schema and every row; refuse if too many rows are broken."""
+    with accelerator.main_process_first():
+        splits, report = check_rows(load_splits(source), max_bad_fraction=max_bad_fraction)
+    accelerator.print(f"data {source.describe()}: {report.summary()}")
+    for example in report.examples:
+        accelerator.print(f"  skipped {example}")
+    return splits
+
+
+def run_epoch(run: Run, max_steps: int | None) -> list[float]:
+    """The epoch's batches (the rest of them, when resuming mid-epoch), one :func:`train_step` each; returns the
+    finite losses. Raises :class:`TrainingAborted` after too many non-finite ones in a row."""
+    accelerator, state, config = run.accelerator, run.state, run.train_config
+    run.loader.set_epoch(state.epoch)  # the sampler's order
+    # The dataset's captions and crops: Accelerate forwards set_epoch to the dataset only when it finds no sampler
+    # to forward it to, which holds for one process but not for its sharded batch sampler in several.
+    run.dataset.set_epoch(state.epoch)
+    loader = accelerator.skip_first_batches(run.loader, state.batches_done) if state.batches_done else run.loader
+    run.model.train()
+    losses: list[float] = []
+    progress = tqdm(
+        loader, total=run.batches_per_epoch, initial=state.batches_done,
+        desc=f"epoch {state.epoch + 1}/{config.epochs}", disable=not accelerator.is_local_main_process,
+    )  # fmt: skip
+    for batch in progress:
+        loss = train_step(
+            accelerator, run.model, run.optimizer, run.scheduler, run.device_batch(batch), config.max_grad_norm
         )
-        for batch in progress:
-            loss = train_step(accelerator, model, optimizer, scheduler, device_batch(batch), train_config.max_grad_norm)
-            state.batches_done += 1
-            if not math.isfinite(loss):
-                bad_in_a_row += 1
-                state.skipped_steps += 1
-                accelerator.print(f"step {state.global_step}: loss is {loss}; skipped ({bad_in_a_row} in a row)")
-                if bad_in_a_row >= train_config.max_bad_steps:
-                    last = checkpoint.complete_checkpoints(checkpoints)
-                    raise TrainingAborted(
-                        f"{bad_in_a_row} non-finite losses in a row; stopping. Last good checkpoint: "
-                        f"{last[-1] if last else 'none'} (lower --lr or try --mixed-precision no)"
-                    )
-                continue
-            bad_in_a_row = 0
-            epoch_losses.append(loss)
-            if not accelerator.sync_gradients:
-                continue
-            state.global_step += 1
-            if state.global_step % train_config.log_every == 0:
-                state.loss_log.append((state.global_step, loss))
-                accelerator.log({"train/loss": loss, "train/scale": unwrapped.scale().item()}, step=state.global_step)
-            progress.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
-            interrupted = accelerator.reduce(torch.tensor(float(stop.requested), device=accelerator.device), "max")
-            if interrupted.item() > 0:
-                path = save(state)
-                raise TrainingInterrupted(f"SIGTERM: checkpoint {path} written; rerun with --resume latest")
-            if state.global_step % train_config.checkpoint_every == 0:
-                save(state)
-            if max_steps is not None and state.global_step >= max_steps:
-                break
-        progress.close()
-        if state.batches_done < batches_per_epoch:  # stopped by max_steps
+        state.batches_done += 1
+        if not math.isfinite(loss):
+            count_bad_step(run, loss)
+            continue
+        run.bad_in_a_row = 0
+        losses.append(loss)
+        if not accelerator.sync_gradients:
+            continue
+        state.global_step += 1
+        progress.set_postfix(loss=f"{loss:.3f}", lr=f"{run.scheduler.get_last_lr()[-1]:.2e}")
+        after_optimizer_step(run, loss)
+        if max_steps is not None and state.global_step >= max_steps:
             break
+    progress.close()
+    return losses
 
-        # End of epoch: validation, best-model selection, checkpoint at the epoch boundary.
-        val = evaluate_rows(accelerator, unwrapped, tokenizer, splits["val"], train_config.eval_batch_size)
-        mean_loss = sum(epoch_losses) / max(len(epoch_losses), 1)
-        state.history.append(
-            {
-                "epoch": state.epoch + 1,
-                "step": state.global_step,
-                "train_loss": mean_loss,
-                "val": val,
-                "seconds": time.perf_counter() - started,
-            }
-        )
-        accelerator.log({f"val/{key}": value for key, value in val.items()}, step=state.global_step)
-        accelerator.print(
-            f"epoch {state.epoch + 1}: loss {mean_loss:.4f}, val R@1 i2t {val['i2t_R@1']:.1f} "
-            f"t2i {val['t2i_R@1']:.1f}, rsum {val['rsum']:.1f}"
-        )
-        if val["rsum"] > state.best_rsum:
-            state.best_rsum, state.best_epoch = val["rsum"], state.epoch + 1
-            if accelerator.is_main_process:
-                best_path.parent.mkdir(parents=True, exist_ok=True)
-                save_model(unwrapped, str(best_path.with_suffix(".tmp")))
-                best_path.with_suffix(".tmp").replace(best_path)
-        state.epoch += 1
-        state.batches_done = 0
-        save(state)
 
-    # 6. The best epoch's weights; the test split, once.
+def count_bad_step(run: Run, loss: float) -> None:
+    """A skipped step (nothing was updated); too many in a row end the run, with the last good checkpoint named."""
+    run.bad_in_a_row += 1
+    run.state.skipped_steps += 1
+    run.accelerator.print(f"step {run.state.global_step}: loss is {loss}; skipped ({run.bad_in_a_row} in a row)")
+    if run.bad_in_a_row >= run.train_config.max_bad_steps:
+        last = checkpoint.complete_checkpoints(run.checkpoints)
+        raise TrainingAborted(
+            f"{run.bad_in_a_row} non-finite losses in a row; stopping. Last good checkpoint: "
+            f"{last[-1] if last else 'none'} (lower --lr or try --mixed-precision no)"
+        )
+
+
+def after_optimizer_step(run: Run, loss: float) -> None:
+    """Log the loss every log_every steps; on SIGTERM (on any process) checkpoint and stop; checkpoint every
+    checkpoint_every steps."""
+    accelerator, state = run.accelerator, run.state
+    if state.global_step % run.train_config.log_every == 0:
+        state.loss_log.append((state.global_step, loss))
+        accelerator.log({"train/loss": loss, "train/scale": run.unwrapped.scale().item()}, step=state.global_step)
+    interrupted = accelerator.reduce(torch.tensor(float(run.stop.requested), device=accelerator.device), "max")
+    if interrupted.item() > 0:
+        path = run.save_checkpoint()
+        raise TrainingInterrupted(f"SIGTERM: checkpoint {path} written; rerun with --resume latest")
+    if state.global_step % run.train_config.checkpoint_every == 0:
+        run.save_checkpoint()
+
+
+def end_epoch(run: Run, losses: list[float], seconds: float) -> None:
+    """Validation Recall, the epoch's history entry, the best weights so far, a checkpoint at the epoch boundary."""
+    accelerator, state = run.accelerator, run.state
+    val = evaluate_split(accelerator, run.unwrapped, run.tokenizer, run.splits["val"], run.train_config.eval_batch_size)
+    mean_loss = sum(losses) / max(len(losses), 1)
+    state.history.append(
+        {"epoch": state.epoch + 1, "step": state.global_step, "train_loss": mean_loss, "val": val, "seconds": seconds}
+    )
+    accelerator.log({f"val/{key}": value for key, value in val.items()}, step=state.global_step)
+    accelerator.print(
+        f"epoch {state.epoch + 1}: loss {mean_loss:.4f}, val R@1 i2t {val['i2t_R@1']:.1f} "
+        f"t2i {val['t2i_R@1']:.1f}, rsum {val['rsum']:.1f}"
+    )
+    if val["rsum"] > state.best_rsum:
+        state.best_rsum, state.best_epoch = val["rsum"], state.epoch + 1
+        if accelerator.is_main_process:  # written aside and renamed: an interrupted write leaves the last best intact
+            run.best_path.parent.mkdir(parents=True, exist_ok=True)
+            save_model(run.unwrapped, str(run.best_path.with_suffix(".tmp")))
+            run.best_path.with_suffix(".tmp").replace(run.best_path)
+    state.epoch += 1
+    state.batches_done = 0
+    run.save_checkpoint()
+
+
+def finish(run: Run) -> TrainResult:
+    """The best epoch's weights back in the model, and the test split evaluated with them, once."""
+    accelerator, state, model = run.accelerator, run.state, run.unwrapped
     accelerator.wait_for_everyone()
-    if best_path.exists():
-        load_model(unwrapped, str(best_path), device=safetensors_device(accelerator.device))
+    if run.best_path.exists():
+        load_model(model, str(run.best_path), device=safetensors_device(accelerator.device))
     best_val = next((entry["val"] for entry in state.history if entry["epoch"] == state.best_epoch), {})
-    test_embeddings = encode_rows(accelerator, unwrapped, tokenizer, splits["test"], train_config.eval_batch_size)
-    test = split_metrics(test_embeddings)
-    accelerator.print(f"test (best epoch {state.best_epoch}): {format_metrics(test)}")
-    return TrainResult(unwrapped, tokenizer, splits, state, {"val": best_val, "test": test}, test_embeddings)
+    test = encode_split(accelerator, model, run.tokenizer, run.splits["test"], run.train_config.eval_batch_size)
+    metrics = test.recall()
+    accelerator.print(f"test (best epoch {state.best_epoch}): {format_metrics(metrics)}")
+    return TrainResult(model, run.tokenizer, run.splits, state, {"val": best_val, "test": metrics}, test)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -21,8 +21,8 @@ import pytest
 from gradio_client import Client
 from huggingface_hub import HfApi
 
+from benchmarks.live_server import free_port, start_app, wait_until_answering
 from crossmodal import hub, synthetic
-from tests.live_server import free_port, start_app, wait_until_answering
 from tests.readme import DEMO, Sandbox
 
 ROOT = Path(__file__).resolve().parents[1]

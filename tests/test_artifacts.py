@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from crossmodal.artifacts import INDEX_DTYPE, ArtifactError, LoadedArtifacts, verify_artifacts
+from crossmodal.artifacts import INDEX_DTYPE, ArtifactError, LoadedArtifacts, load_verified
 from crossmodal.integrity import sha256_of
 from crossmodal.model import build_model
 
@@ -39,11 +39,11 @@ def resign(folder):
 
 def refused(folder, message):
     with pytest.raises(ArtifactError, match=message):
-        verify_artifacts(folder)
+        load_verified(folder)
 
 
 def test_a_good_folder_loads_with_everything_checked(artifacts):
-    loaded = verify_artifacts(artifacts)
+    loaded = load_verified(artifacts)
     assert isinstance(loaded, LoadedArtifacts)
     assert loaded.image_embeddings.shape == (1200, 128) and loaded.text_embeddings.shape == (6000, 128)
     assert loaded.image_embeddings.dtype == loaded.text_embeddings.dtype == INDEX_DTYPE == torch.float16
@@ -64,7 +64,7 @@ def test_float32_embeddings_of_older_folders_load_as_float16(artifacts):
     stored = load_file(path)["embeddings"]
     save_file({"embeddings": stored.float()}, path)  # as folders were written before the switch to float16
     resign(artifacts)
-    loaded = verify_artifacts(artifacts)
+    loaded = load_verified(artifacts)
     assert loaded.text_embeddings.dtype == torch.float16 and torch.equal(loaded.text_embeddings, stored)
 
 
@@ -76,14 +76,14 @@ def test_embeddings_of_another_dtype_are_refused(artifacts):
 
 
 def test_embeddings_from_another_checkpoint_are_caught_by_the_golden_self_test(artifacts):
-    loaded = verify_artifacts(artifacts)
+    loaded = load_verified(artifacts)
     torch.manual_seed(123)
     other, _ = build_model(loaded.config, loaded.tokenizer, pretrained=False)  # same shapes, other weights
-    from crossmodal.artifacts import _encode_thumbnails
+    from crossmodal.artifacts import encode_thumbnails
 
     thumbnails = [loaded.thumbnails[row] for row in range(len(loaded.thumbnails))]
     save_file(
-        {"embeddings": _encode_thumbnails(other, thumbnails).contiguous()}, artifacts / "image_embeddings.safetensors"
+        {"embeddings": encode_thumbnails(other, thumbnails).contiguous()}, artifacts / "image_embeddings.safetensors"
     )
     resign(artifacts)
     refused(artifacts, r"image_embeddings\.safetensors: row 0 does not belong to this model.*another checkpoint")
@@ -134,7 +134,7 @@ def test_nan_embeddings(artifacts):
 def test_non_unit_embeddings_name_the_row_and_its_norm(artifacts, factor):
     damage_embeddings(artifacts, lambda e: e[9].mul_(factor))
     with pytest.raises(ArtifactError, match=r"row 9 has norm \d\.\d{4}, expected unit norm") as refusal:
-        verify_artifacts(artifacts)
+        load_verified(artifacts)
     # The stored row is float16 and its norm only close to 1, so the damaged norm is the factor up to rounding (the
     # 4th decimal depends on the trained weights, hence the machine).
     reported = float(re.search(r"has norm (\d\.\d{4})", str(refusal.value)).group(1))

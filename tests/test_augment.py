@@ -4,24 +4,48 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import InterpolationMode, v2
 
 from crossmodal import synthetic
-from crossmodal.augment import EncodedImage, TrainAugment, decode_batch, decodes_on_device, resized_crop_params
+from crossmodal.augment import (
+    CROP_RATIO,
+    CROP_SCALE,
+    EncodedImage,
+    TrainAugment,
+    decode_batch,
+    decodes_on_device,
+    resized_crop_params,
+)
+from crossmodal.batching import DeviceBatch, EvalImages, TrainBatcher, TrainPairs
 from crossmodal.config import PRESETS
-from crossmodal.data import DataSource, EvalImages, TrainPairs, image_bytes, load_splits
-from crossmodal.images import decode_image
-from crossmodal.preprocess import decode_for_eval, eval_draft_size, image_transform
+from crossmodal.data import DataSource, load_splits
+from crossmodal.images import decode_image, image_bytes
+from crossmodal.preprocess import decode_for_eval, eval_draft_size, eval_transform
 from crossmodal.tokenizer import fit_wordpiece
-from crossmodal.train import DeviceBatch, TrainBatcher
 
 TINY = PRESETS["tiny"].model
 
 
+def torchvision_transform(config) -> v2.Compose:
+    """The plain implementation of the training crop: torchvision's RandomResizedCrop with augment.py's parameters."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(
+                config.image_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=InterpolationMode.BICUBIC,
+                antialias=True,
+            ),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(config.image_mean), std=list(config.image_std)),
+        ]
+    )  # fmt: skip
+
+
 def reference(image, config, seed: int) -> torch.Tensor:
-    """The plain implementation: image_transform's RandomResizedCrop under a reseeded global RNG."""
+    """The training crop under a reseeded global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return image_transform(config, train=True)(image)
+        return torchvision_transform(config)(image)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +59,7 @@ def test_crop_params_are_torchvision_draws_from_the_seed(height, width):
     for seed in range(20):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            expected = image_transform(TINY, train=True).transforms[1].make_params([torch.zeros(3, height, width)])
+            expected = torchvision_transform(TINY).transforms[1].make_params([torch.zeros(3, height, width)])
         generator = torch.Generator().manual_seed(seed)
         assert resized_crop_params(height, width, generator) == tuple(
             expected[k] for k in ("top", "left", "height", "width")
@@ -82,7 +106,7 @@ def test_eval_images_leave_for_the_device_only_jpegs_it_decodes_as_pillow_does()
     for index, item in enumerate(on_device):
         data = image_bytes(large[index]["image"])
         assert decodes_on_device(data) and not decodes_on_device(data, eval_draft_size(TINY))
-        assert torch.equal(item, image_transform(TINY, train=False)(decode_for_eval(data, TINY)))
+        assert torch.equal(item, eval_transform(TINY)(decode_for_eval(data, TINY)))
 
 
 def test_train_pairs_on_the_device_batch_like_in_workers(small_dataset):

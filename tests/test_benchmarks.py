@@ -1,5 +1,5 @@
 """The throughput benchmarks measure what they say: their fast paths compute what the plain ones do, and they fail
-loudly when a target is missed. Nothing here is timed (DESIGN 7)."""
+loudly when a target is missed. Nothing here is timed (docs/architecture.md, "Measuring")."""
 
 import copy
 import math
@@ -12,9 +12,9 @@ from accelerate.utils import is_compiled_module
 from benchmarks import index_throughput, train_throughput
 from benchmarks.train_throughput import batches_on_device, build_bench
 from crossmodal.augment import EncodedImage
-from crossmodal.data import EpochShuffle, EvalImages
+from crossmodal.batching import EpochShuffle, EvalImages, TrainBatcher
 from crossmodal.loss import clip_loss
-from crossmodal.train import TrainBatcher, train_step
+from crossmodal.train import train_step
 
 TINY_FAST = ["--preset", "tiny", "--mixed-precision", "no", "--num-workers", "0", "--rounds", "1"]
 

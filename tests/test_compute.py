@@ -159,10 +159,10 @@ def test_torch_from_several_threads_keeps_one_openmp_team():
 def test_app_handlers_search_on_the_compute_thread(tiny_run, tmp_path):
     """Every handler that touches the model hands its search to the compute thread, whichever thread Gradio used."""
     import app
-    from crossmodal.artifacts import verify_artifacts
+    from crossmodal.artifacts import load_verified
     from crossmodal.search import Searcher
 
-    searcher, compute, ran_on = Searcher(verify_artifacts(tiny_run)), ComputeThread(), {}
+    searcher, compute, ran_on = Searcher(load_verified(tiny_run)), ComputeThread(), {}
 
     def spy(name: str):
         search = getattr(searcher, name)

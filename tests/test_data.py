@@ -6,14 +6,13 @@ import torch
 
 from crossmodal import synthetic
 from crossmodal.augment import TrainAugment
+from crossmodal.batching import EpochShuffle, TrainPairs
 from crossmodal.config import PRESETS
 from crossmodal.data import (
     BadDataError,
     DataSource,
     DataUnavailableError,
-    EpochShuffle,
     SchemaError,
-    TrainPairs,
     caption_table,
     check_rows,
     clean_captions,

@@ -12,12 +12,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from crossmodal.artifacts import CONTRACT_FILES, ArtifactError, load_model, verify_artifacts, verify_files
+from crossmodal.artifacts import CONTRACT_FILES, ArtifactError, load_verified, rebuild_model, verify_files
 from crossmodal.data import DataSource, load_splits
+from crossmodal.encoding import encode_captions, encode_images
 from crossmodal.images import decode_image
-from crossmodal.indexing import encode_captions, encode_images
 from crossmodal.metrics import recall_at_k
-from crossmodal.preprocess import image_transform, tokenize
+from crossmodal.model import tokenize
+from crossmodal.preprocess import eval_transform
 
 TEST_IMAGES = 100  # the generated test split: chance Recall@1 is 1/100 = 1%
 
@@ -67,7 +68,7 @@ def test_artifact_folder_follows_the_contract(tiny_run):
 
 def test_reloaded_model_reproduces_the_stored_embeddings(tiny_run):
     """The model rebuilt from config.json (no download) + eval preprocessing gives back the shipped embeddings."""
-    model, tokenizer = load_model(tiny_run)
+    model, tokenizer = rebuild_model(tiny_run)
     captions = pq.read_table(tiny_run / "captions.parquet").column("caption").to_pylist()[:16]
     with torch.inference_mode():
         texts = model.encode_text(**tokenize(tokenizer, captions, model.config))
@@ -78,7 +79,7 @@ def test_reloaded_model_reproduces_the_stored_embeddings(tiny_run):
 def test_the_float16_index_keeps_recall_over_every_image(tiny_run, full_dataset):
     """The shipped float16 index against the model's float32 embeddings of the same data, ranked over all 1,200 images
     and 6,000 captions at once, where Recall@1 is far from saturated (~60%): rounding may swap a few near-ties."""
-    artifacts = verify_artifacts(tiny_run)
+    artifacts = load_verified(tiny_run)
     splits = load_splits(DataSource(str(full_dataset)))
     rows = datasets.concatenate_datasets([splits[name] for name in ("train", "val", "test")])
     position = {image_id: index for index, image_id in enumerate(rows["img_id"])}
@@ -113,8 +114,8 @@ def test_a_flipped_byte_is_refused(tiny_run, tmp_path):
 def test_thumbnails_decode_like_training_images(tiny_run):
     thumbnail = pq.read_table(tiny_run / "images.parquet").column("thumbnail")[0].as_py()
     image = decode_image(thumbnail)
-    config = load_model(tiny_run)[0].config
-    assert image_transform(config, train=False)(image).shape == (3, config.image_size, config.image_size)
+    config = rebuild_model(tiny_run)[0].config
+    assert eval_transform(config)(image).shape == (3, config.image_size, config.image_size)
 
 
 def test_model_card_parses_and_carries_the_test_metrics(tiny_run):

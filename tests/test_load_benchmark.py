@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from tests.live_server import ROOT
+from benchmarks.live_server import ROOT
 
 
 def test_the_load_benchmark_runs_every_scenario_without_errors(tiny_run):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from crossmodal.artifacts import ArtifactError, load_model
+from crossmodal.artifacts import ArtifactError, rebuild_model
 from crossmodal.config import PRESETS, ModelConfig
 from crossmodal.model import build_model
 from crossmodal.tokenizer import fit_wordpiece
@@ -66,4 +66,4 @@ def test_weights_that_do_not_match_the_config_are_refused(tiny, tmp_path):
     weights["extra.weight"] = torch.zeros(1)
     save_file(weights, tmp_path / "model.safetensors")
     with pytest.raises(ArtifactError, match=r"missing \['image_projection.weight'\], unexpected \['extra.weight'\]"):
-        load_model(tmp_path)
+        rebuild_model(tmp_path)

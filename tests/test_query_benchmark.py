@@ -1,32 +1,29 @@
 """The query-latency benchmark measures the right things: no timing is asserted, only what is timed.
 
 Its floor must find what the search finds, its no-op and floor twins must move answers of the same shape as the real
-endpoints (the floor twins running the floor on what they are sent), its Flickr-scale folder must be a real artifact
-folder of the default architecture, and the script must report its ratios last and fail when a target is missed.
+endpoints through the benchmark's raw HTTP client (the floor twins running the floor on what they are sent), its
+Flickr-scale folder must be a real artifact folder of the default architecture, and the script must print every
+target, carry their ratios in its last line and fail when a target is missed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-import ssl
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
-from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
 
-from benchmarks import bare_floor, flickr_scale, load_test, query_latency
+from benchmarks import bare_floor, flickr_scale, query_latency
 from benchmarks.common import FLICKR30K_IMAGES
-from benchmarks.measuring_client import arrivals, measuring_client
+from benchmarks.gradio_http import GradioHttp
+from benchmarks.live_server import start_app
 from benchmarks.query_latency import KINDS, Floor, InProcess, make_queries
-from crossmodal.artifacts import verify_artifacts
-from crossmodal.preprocess import tokenize
+from crossmodal.artifacts import load_verified
+from crossmodal.model import tokenize
 from crossmodal.search import Searcher
 from tests.conftest import SUBPROCESS_ENV
-from tests.live_server import start_app
 
 SMALL_INDEX = 40  # images; the script's --images
 
@@ -40,12 +37,12 @@ def small_flickr_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_searcher(tiny_run):
-    return Searcher(verify_artifacts(tiny_run))
+    return Searcher(load_verified(tiny_run))
 
 
 def test_flickr_scale_folder_is_a_verified_default_architecture_index(small_flickr_cache):
     folder = flickr_scale.ensure(small_flickr_cache, SMALL_INDEX)  # reused, not rebuilt
-    loaded = verify_artifacts(folder)  # files, weights, shapes, unit norms, golden self-test
+    loaded = load_verified(folder)  # files, weights, shapes, unit norms, golden self-test
     config = loaded.config
     assert config.image_tower == "torchvision:efficientnet_b0" and config.embed_dim == 512
     assert config.text_config["vocab_size"] == 30522 and config.text_config["num_hidden_layers"] == 12
@@ -60,13 +57,18 @@ def test_the_full_scale_defaults_are_flickr30k():
     assert FLICKR30K_IMAGES == 31_783 and sum(flickr_scale.SPLIT_SIZES.values()) == 31_783
 
 
-def test_floor_finds_what_the_search_finds(tiny_searcher, tmp_path):
+def encode_text(searcher: Searcher, text: str) -> torch.Tensor:
+    with torch.inference_mode():
+        return searcher.model.encode_text(**tokenize(searcher.tokenizer, [text], searcher.config))[0].float()
+
+
+def test_floor_finds_what_the_search_finds(tiny_searcher):
     """The floor ranks by its float16 scan alone, so it may swap rows whose scores float16 cannot tell apart (the
     search re-ranks those in float32); anything else is a floor doing other work than the search."""
-    queries = make_queries(6, tmp_path)
+    queries = make_queries(6)
     floor, ours = Floor(tiny_searcher, queries), InProcess(tiny_searcher, queries)
     searched = {
-        "text_to_image": (tiny_searcher.image_embeddings, lambda i: tiny_searcher.text_query(queries.texts[i])),
+        "text_to_image": (tiny_searcher.image_embeddings, lambda i: queries.texts[i]),
         "image_to_text": (tiny_searcher.text_embeddings, lambda i: queries.images[i]),
         "image_to_image": (tiny_searcher.image_embeddings, lambda i: queries.images[i]),
     }
@@ -74,13 +76,13 @@ def test_floor_finds_what_the_search_finds(tiny_searcher, tmp_path):
         matrix, query_of = searched[kind]
         for index in range(6):
             query = query_of(index)
-            vector = tiny_searcher.encode_text(query) if kind == "text_to_image" else tiny_searcher.encode_image(query)
+            vector = encode_text(tiny_searcher, query) if kind == "text_to_image" else tiny_searcher.encode_image(query)
             scores = matrix.float() @ vector
             found, wanted = getattr(floor, kind)(index), getattr(ours, kind)(index)
             assert len(found) == len(wanted) == query_latency.K
             torch.testing.assert_close(scores[found], scores[wanted], atol=1e-3, rtol=0, msg=(kind, index))
     # and the search's is the brute-force float32 ranking
-    query = tiny_searcher.encode_text(tiny_searcher.text_query(queries.texts[0]))
+    query = encode_text(tiny_searcher, queries.texts[0])
     reference = torch.argsort(tiny_searcher.image_embeddings.float() @ query, descending=True)[: query_latency.K]
     assert ours.text_to_image(0) == reference.tolist()
 
@@ -94,37 +96,58 @@ def noop_server(tiny_run, tmp_path_factory):
     server.process.wait(timeout=30)
 
 
-def _query(kind: str, queries):
-    return queries.texts[0] if kind == "text_to_image" else handle_file(queries.image_files[0])
+def _search(server, endpoint: str, query, files: bool = False):
+    """One search through the benchmark's client: ``(outcome, outputs)``."""
+
+    async def run():
+        client = GradioHttp(server.url, connections=query_latency.K)
+        try:
+            return await client.search(endpoint, query, query_latency.K, files)
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
 
 
-def test_twins_answer_with_the_shape_of_the_real_endpoints(noop_server, tiny_searcher, tmp_path):
-    client = Client(noop_server.url, verbose=False)
-    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {f"/{twin}_{kind}" for twin in ("noop", "floor") for kind in KINDS} <= set(endpoints)
-    queries = make_queries(1, tmp_path)
+def test_twins_answer_with_the_shape_of_the_real_endpoints(noop_server, tiny_searcher):
+    queries = make_queries(1)
     ids = bare_floor.ids_text(tokenize(tiny_searcher.tokenizer, queries.texts[:1], tiny_searcher.config))
     for kind in KINDS:
-        real = client.predict(_query(kind, queries), query_latency.K, api_name=f"/{kind}")
-        noop = client.predict(_query(kind, queries), query_latency.K, api_name=f"/noop_{kind}")
-        floor_query = ids if kind == "text_to_image" else _query(kind, queries)
-        floor = client.predict(floor_query, query_latency.K, api_name=f"/floor_{kind}")
-        for twin in (noop, floor):
+        query = queries.texts[0] if kind == "text_to_image" else queries.images[0]
+        sent = {kind: query, f"noop_{kind}": query, f"floor_{kind}": ids if kind == "text_to_image" else query}
+        answers = {endpoint: _search(noop_server, endpoint, data, files=True) for endpoint, data in sent.items()}
+        assert all(outcome == "complete" for outcome, _ in answers.values()), answers  # every gallery file fetched
+        real = answers[kind][1]
+        for twin in (answers[f"noop_{kind}"][1], answers[f"floor_{kind}"][1]):
             assert len(twin[1]) == len(real[1]) == query_latency.K
             assert set(twin[1][0]) == set(real[1][0])  # the same JSON fields
             if kind == "image_to_text":
                 assert len(twin[0]["data"]) == len(real[0]["data"])  # the same table
             else:
-                assert len(twin[0]) == len(real[0])  # as many gallery files to download
+                assert len(twin[0]) == len(real[0])  # as many gallery files to fetch
 
 
 def test_floor_twin_runs_the_text_tower_on_the_ids_it_is_sent(noop_server, tiny_searcher):
-    client = Client(noop_server.url, verbose=False, download_files=False)
     vocabulary = tiny_searcher.config.text_config["vocab_size"]
-    client.predict(f"2 {vocabulary - 1} 3", query_latency.K, api_name="/floor_text_to_image")  # in range: answered
+    assert _search(noop_server, "floor_text_to_image", f"2 {vocabulary - 1} 3")[0] == "complete"  # in range
     for not_ids in (f"2 {vocabulary} 3", "a dog in the snow", ""):  # past the embedding table, words, nothing
-        with pytest.raises(AppError):
-            client.predict(not_ids, query_latency.K, api_name="/floor_text_to_image")
+        assert _search(noop_server, "floor_text_to_image", not_ids)[0] == "error", not_ids
+
+
+def test_a_client_measure_fails_on_an_answer_that_is_not_k_results(noop_server):
+    """A timed request that got an error, or a refusal in its results' place, stops the benchmark."""
+    loop = asyncio.new_event_loop()
+    client = GradioHttp(noop_server.url, connections=1)
+    queries = query_latency.Queries(texts=["a red circle", "", "not token ids"], images=[])
+    try:
+        query_latency.served(loop, client, "text_to_image", queries, False, queries.texts)(0)  # answered
+        with pytest.raises(RuntimeError, match="did not answer"):
+            query_latency.served(loop, client, "text_to_image", queries, False, queries.texts)(1)  # refused
+        with pytest.raises(RuntimeError, match="did not answer"):
+            query_latency.served(loop, client, "floor_text_to_image", queries, False, queries.texts)(2)  # error
+    finally:
+        loop.run_until_complete(client.close())
+        loop.close()
 
 
 def test_token_ids_as_text_are_what_tokenize_returns(tiny_searcher):
@@ -144,63 +167,20 @@ def test_interleave_turns_which_measure_goes_first():
     assert calls == [(name, index) for index, names in enumerate(["abc", "bca", "cab"]) for name in names]
 
 
-def test_measuring_client_answers_as_the_stock_one_and_is_woken_by_each_message(noop_server, tmp_path):
-    queries = make_queries(1, tmp_path)
-    stock = Client(noop_server.url, verbose=False, download_files=False)
-    woken = measuring_client(noop_server.url, download_files=False)
-    downloading = measuring_client(noop_server.url)
-    for kind in KINDS:
-        before = arrivals()
-        ours = woken.predict(_query(kind, queries), query_latency.K, api_name=f"/{kind}")
-        # at least "process_starts" and "process_completed" reached the waiting thread through a signalling deque
-        assert arrivals() - before >= 2, kind
-        before = arrivals()
-        assert ours == stock.predict(_query(kind, queries), query_latency.K, api_name=f"/{kind}"), kind
-        assert arrivals() == before  # a stock client in the same process keeps its own, unsignalled, deques
-    gallery, results = downloading.predict(queries.texts[0], query_latency.K, api_name="/text_to_image")
-    assert len(gallery) == len(results) == query_latency.K
-    assert all(Path(item["image"]).is_file() for item in gallery)  # downloads still happen, after the answer
-
-
-def test_measuring_client_parses_no_ca_bundle_per_call(noop_server, tmp_path, monkeypatch):
-    loads = []
-    load_verify_locations = ssl.SSLContext.load_verify_locations
-
-    def counted(context, *args, **kwargs):
-        loads.append(args or kwargs)
-        return load_verify_locations(context, *args, **kwargs)
-
-    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counted)
-    query = make_queries(1, tmp_path).texts[0]
-    stock, ours = Client(noop_server.url, verbose=False), measuring_client(noop_server.url)
-    loads.clear()
-    stock.predict(query, query_latency.K, api_name="/text_to_image")
-    assert len(loads) >= 2 + query_latency.K  # the request, the message stream, each downloaded thumbnail
-    loads.clear()
-    gallery, _ = ours.predict(query, query_latency.K, api_name="/text_to_image")
-    assert loads == [] and len(gallery) == query_latency.K
-
-
-def test_script_prints_ratios_last_and_fails_a_missed_target(small_flickr_cache, monkeypatch, capsys):
+def test_script_prints_every_target_and_ratios_last_and_fails_a_missed_target(small_flickr_cache, monkeypatch, capsys):
     monkeypatch.setattr(query_latency, "LATENCY_TARGET", 0.0)  # no search is faster than nothing
     arguments = ["--cache", str(small_flickr_cache), "--images", str(SMALL_INDEX), "--queries", "3", "--startups", "1"]
     arguments += ["--client-queries", "3"]
     assert query_latency.main(arguments) == 1
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1].startswith("ratios: in-process text_to_image")
-    assert all(f"{flavour} {kind}" in lines[-1] for flavour in query_latency.CLIENTS for kind in KINDS)
-    assert "stock" not in lines[-1]  # context rows, printed with no target
-    flavours = len(query_latency.CLIENTS) + len(query_latency.CONTEXT_CLIENTS)
-    served_floors = [line for line in lines if "(vs in-process)" in line and line.endswith("(context)")]
-    assert len(served_floors) == flavours * len(KINDS)
-    assert sum("stock json client" in line and line.endswith("(context)") for line in lines) == 2 * len(KINDS)
-    assert sum("ms idle" in line and line.endswith("(context)") for line in lines) == 2 * len(KINDS)
-    assert sum("again after the client rows" in line and line.endswith("(context)") for line in lines) == len(KINDS)
-    scans = [line.split()[4] for line in lines if "scan + topk over" in line]  # each matrix's rows, two dtypes
-    assert scans == [str(SMALL_INDEX)] * 2 + [str(5 * SMALL_INDEX)] * 2
-    assert sum("float16" in line for line in lines if "scan + topk" in line) == 2
-    assert "start-up extra s" in lines[-1]
-    assert any(line.startswith("MISSED in-process image_to_text") for line in lines)
+    names = [f"in-process {kind}" for kind in KINDS]
+    names += [f"{flavour} {kind}" for flavour in query_latency.CLIENTS for kind in KINDS]
+    names += ["start-up extra s", "start-up extra GB"]
+    assert re.fullmatch("ratios: " + ", ".join(f"{name} \\S+" for name in names), lines[-1]), lines[-1]
+    described = lines[-1 - len(names) : -1]  # each target's line, in the same order, just before
+    assert [line.split(" (target")[0].rsplit(" ", 1)[0] for line in described] == names
+    assert all(line.endswith(": MISSED") for line in described[:3])  # in-process, at 0.0 (a client's can be < 0)
+    assert sum(" floor twin " in line for line in lines) == len(query_latency.CLIENTS) * len(KINDS)  # their rows
 
 
 def test_queries_arriving_together_are_batched_and_a_bad_one_fails_only_itself(noop_server, tiny_searcher):
@@ -210,7 +190,7 @@ def test_queries_arriving_together_are_batched_and_a_bad_one_fails_only_itself(n
     queries = [(text, 3) for text in texts] + [("", 3), ("   ", 5), ("a green ring", 0), ("a red star", 99)] * 2
 
     async def run():
-        client = load_test.GradioHttp(noop_server.url, connections=32)
+        client = GradioHttp(noop_server.url, connections=32)
         try:
             before = await client.batch_sizes()
             together = await asyncio.gather(*(client.call("text_to_image", [q, k]) for q, k in queries))

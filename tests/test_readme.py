@@ -16,7 +16,7 @@ import pytest
 from huggingface_hub import SpaceCard
 
 import push_to_hub
-from crossmodal.artifacts import verify_artifacts
+from crossmodal.artifacts import load_verified
 from tests.conftest import SHA
 from tests.readme import DEMO, README, ROOT, readme_commands, script_commands
 
@@ -142,7 +142,7 @@ def test_the_two_process_command_trains_like_one_process(readme_sandbox, demo_ru
     `evaluate` reproduces, within 2 points of the one-process demo run at every Recall@K."""
     readme_sandbox.run(TRAIN_TWO_PROCESSES, timeout=900)
     artifacts = readme_sandbox.root / "runs" / "ddp" / "artifacts"
-    verify_artifacts(artifacts)  # checksums, weights against config, embeddings against tables, golden self-test
+    load_verified(artifacts)  # checksums, weights against config, embeddings against tables, golden self-test
     two = json.loads((artifacts / "metrics.json").read_text())["test"]
     evaluated = json.loads(readme_sandbox.run(f"python -m crossmodal.evaluate --artifacts {artifacts}").stdout)
     assert evaluated == pytest.approx(two, abs=1.0)

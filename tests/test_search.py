@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from crossmodal.artifacts import verify_artifacts
+from crossmodal.artifacts import load_verified
 from crossmodal.images import decode_image
-from crossmodal.preprocess import decode_for_eval, image_batch, tokenize
+from crossmodal.model import tokenize
+from crossmodal.preprocess import decode_for_eval, image_batch
 from crossmodal.search import MAX_K, MAX_QUERY_CHARS, CaptionHit, QueryError, Searcher, check_k, clean_text, top_k
 
 ALL_IMAGES_R1_FLOOR = 0.15  # measured ~26% among all 1,200 images; chance is 1/1,200
@@ -20,7 +21,7 @@ TIE = 1e-6
 def searcher(tiny_run):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # hundreds of one-caption queries: two threads on a busy 2-core box are ~15x slower
-    yield Searcher(verify_artifacts(tiny_run))
+    yield Searcher(load_verified(tiny_run))
     torch.set_num_threads(threads)
 
 
@@ -87,8 +88,8 @@ def test_check_k_only_accepts_whole_numbers_in_range():
 
 @pytest.mark.parametrize("k", [1, 7, MAX_K])
 def test_text_to_image_matches_argsort(searcher, k):
-    query = searcher.text_query("a large red circle on the left of a blue background")
-    scores, expected = reference_top(searcher.image_embeddings, text_embedding(searcher, query.text), k)
+    query = "a large red circle on the left of a blue background"
+    scores, expected = reference_top(searcher.image_embeddings, text_embedding(searcher, query), k)
     hits = searcher.text_to_image(query, k)
     assert_same_ranking(hits, scores, expected)
     for hit in hits:
@@ -191,7 +192,7 @@ def test_more_like_refuses_rows_outside_the_index(searcher):
 
 
 def test_every_search_refuses_bad_k(searcher):
-    query = searcher.text_query("a green ring")
+    query = "a green ring"
     data = searcher.thumbnail(0)
     for k in (0, MAX_K + 1, 2.5, True, "3"):
         for search in (
@@ -233,20 +234,19 @@ def test_clean_text_bounds_the_work_and_refuses_non_text():
 )
 def test_empty_queries_are_refused(searcher, query):
     with pytest.raises(QueryError, match="type a description"):
-        searcher.text_query(query)
+        searcher.text_to_image(query, 5)
 
 
 def test_truncation_flag_at_the_model_limit(searcher):
     limit = searcher.config.max_text_length
     assert len(searcher.tokenizer("red")["input_ids"]) == 3  # [CLS] red [SEP]: one word piece per "red"
-    fits = searcher.text_query(" ".join(["red"] * (limit - 2)))
-    over = searcher.text_query(" ".join(["red"] * (limit - 1)))
-    assert not fits.truncated and over.truncated
-    assert not searcher.text_query("a green ring").truncated
-    # Only the first max_text_length pieces count: a long tail changes nothing.
-    head = " ".join(["red"] * (limit - 2))
-    long = searcher.text_query(head + " blue" * 200)
-    torch.testing.assert_close(searcher.encode_text(long), searcher.encode_text(fits))
+    fits, over = " ".join(["red"] * (limit - 2)), " ".join(["red"] * (limit - 1))
+    long = fits + " blue" * 200
+    assert [searcher.is_truncated(text) for text in (fits, over, "a green ring", long)] == [False, True, False, True]
+    # Only the first max_text_length pieces count: a long tail changes nothing, alone or beside shorter queries.
+    answers = searcher.search_texts([fits, "a green ring", long], [5] * 3)
+    assert_same_hits(answers[2], answers[0])
+    torch.testing.assert_close(text_embedding(searcher, long), text_embedding(searcher, fits), atol=1e-6, rtol=0)
 
 
 def test_image_queries_refuse_bad_bytes_with_query_error(searcher):
@@ -271,7 +271,7 @@ def test_stored_captions_retrieve_their_own_image(searcher):
                if image in in_test]  # fmt: skip
     first = top5 = 0
     for caption, image in queries:
-        rows = [hit.image_index for hit in searcher.text_to_image(searcher.text_query(caption), 5)]
+        rows = [hit.image_index for hit in searcher.text_to_image(caption, 5)]
         first += rows[0] == image
         top5 += image in rows
     with torch.inference_mode():  # one batch: padding is masked out of the mean pooling
@@ -319,7 +319,7 @@ def test_a_batch_of_texts_ranks_each_query_as_a_lone_search_does(searcher):
     assert len(answers) == len(texts)
     for text, k, answer in zip(texts, ks, answers, strict=True):
         assert len(answer) == k
-        assert_same_hits(answer, searcher.text_to_image(searcher.text_query(text), k))
+        assert_same_hits(answer, searcher.text_to_image(text, k))
 
 
 @pytest.mark.parametrize("target", ["text", "image"])
@@ -345,8 +345,8 @@ def test_a_refused_query_is_answered_alone_and_the_others_are_searched(searcher)
     assert "type a description" in refused[1]  # empty text
     assert f"from 1 to {MAX_K}" in refused[2] and f"from 1 to {MAX_K}" in refused[5]  # k is checked with the text
     assert "must be text" in refused[3]
-    assert_same_hits(answers[0], searcher.text_to_image(searcher.text_query("a green ring"), 5))
-    assert_same_hits(answers[4], searcher.text_to_image(searcher.text_query("a blue square"), 3))
+    assert_same_hits(answers[0], searcher.text_to_image("a green ring", 5))
+    assert_same_hits(answers[4], searcher.text_to_image("a blue square", 3))
 
 
 def test_a_refused_upload_is_answered_alone_and_the_others_are_searched(searcher):
@@ -376,7 +376,7 @@ def test_k_is_checked_before_any_tower_runs(searcher, monkeypatch):
     assert isinstance(searcher.search_texts(["a green ring"], [0])[0], QueryError)
     assert isinstance(searcher.search_images([searcher.thumbnail(0)], [MAX_K + 1], "text")[0], QueryError)
     for search, query in (
-        (searcher.text_to_image, searcher.text_query("a green ring")),
+        (searcher.text_to_image, "a green ring"),
         (searcher.image_to_text, searcher.thumbnail(0)),
         (searcher.image_to_image, searcher.thumbnail(0)),
     ):

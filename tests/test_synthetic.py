@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crossmodal import synthetic
+from crossmodal import synthetic, synthetic_captions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["image", "caption", "split", "img_id", "filename"]
@@ -27,9 +27,9 @@ def small() -> datasets.DatasetDict:
 
 
 @pytest.fixture(scope="module")
-def test_examples() -> list[synthetic._Example]:
+def test_examples() -> list[synthetic.Example]:
     """A 100-image split at the default size: enough rows for every shape to appear both small and large."""
-    return synthetic._generate_examples(0, 0, 100, (96, 96), seed=0)["test"]
+    return synthetic.generate_examples(0, 0, 100, (96, 96), seed=0)["test"]
 
 
 def raw(split: datasets.Dataset) -> list[dict]:
@@ -141,7 +141,7 @@ def test_held_out_splits_do_not_depend_on_the_training_size() -> None:
 
 
 def test_generate_rows_are_the_examples_that_tests_inspect() -> None:
-    examples = synthetic._generate_examples(**SMALL)
+    examples = synthetic.generate_examples(**SMALL)
     dataset = synthetic.generate(**SMALL)
     for name, split in dataset.items():
         rows = raw(split)
@@ -149,40 +149,40 @@ def test_generate_rows_are_the_examples_that_tests_inspect() -> None:
         assert [r["caption"] for r in rows] == [list(ex.captions) for ex in examples[name]]
 
 
-def test_every_caption_names_every_attribute(test_examples: list[synthetic._Example]) -> None:
+def test_every_caption_names_every_attribute(test_examples: list[synthetic.Example]) -> None:
     for ex in test_examples:
         for caption in ex.captions:
             text = caption.lower()
             assert ex.scene.colour in text and ex.scene.background in text, caption
-            assert any(word in text for word in synthetic._SIZE_WORDS[ex.scene.size]), caption
-            assert any(word in text for word in synthetic._SHAPE_WORDS[ex.scene.shape]), caption
-            assert any(phrase in text for phrase in synthetic._POSITION_WORDS[ex.scene.position]), caption
+            assert any(word in text for word in synthetic_captions.SIZE_WORDS[ex.scene.size]), caption
+            assert any(word in text for word in synthetic_captions.SHAPE_WORDS[ex.scene.shape]), caption
+            assert any(phrase in text for phrase in synthetic_captions.POSITION_WORDS[ex.scene.position]), caption
 
 
-def test_captions_do_not_use_words_of_other_attribute_values(test_examples: list[synthetic._Example]) -> None:
+def test_captions_do_not_use_words_of_other_attribute_values(test_examples: list[synthetic.Example]) -> None:
     """A caption must not also contain a synonym of a different size, since 'small' vs 'large' is the signal."""
     for ex in test_examples:
         other_size = "large" if ex.scene.size == "small" else "small"
         for caption in ex.captions:
             words = set(caption.lower().replace(",", " ").replace(".", " ").replace(":", " ").split())
-            assert not words & set(synthetic._SIZE_WORDS[other_size]), caption
+            assert not words & set(synthetic_captions.SIZE_WORDS[other_size]), caption
 
 
-def test_the_named_colours_are_the_drawn_colours(test_examples: list[synthetic._Example]) -> None:
+def test_the_named_colours_are_the_drawn_colours(test_examples: list[synthetic.Example]) -> None:
     for ex in test_examples:
         pixels = decode(ex.jpeg)
-        assert colour_at(pixels, synthetic._object_probe(ex.scene, ex.layout)) == ex.scene.colour, ex.scene
-        assert colour_at(pixels, synthetic._background_probe(ex.layout, (96, 96))) == ex.scene.background, ex.scene
+        assert colour_at(pixels, synthetic.object_probe(ex.scene, ex.layout)) == ex.scene.colour, ex.scene
+        assert colour_at(pixels, synthetic.background_probe(ex.layout, (96, 96))) == ex.scene.background, ex.scene
 
 
-def test_a_ring_has_a_hole_and_other_shapes_do_not(test_examples: list[synthetic._Example]) -> None:
+def test_a_ring_has_a_hole_and_other_shapes_do_not(test_examples: list[synthetic.Example]) -> None:
     for ex in test_examples:
         centre = colour_at(decode(ex.jpeg), (round(ex.layout.cx), round(ex.layout.cy)))
         expected = ex.scene.background if ex.scene.shape == "ring" else ex.scene.colour
         assert centre == expected, ex.scene
 
 
-def test_the_named_position_is_where_the_object_is(test_examples: list[synthetic._Example]) -> None:
+def test_the_named_position_is_where_the_object_is(test_examples: list[synthetic.Example]) -> None:
     low, high = 0.42, 0.58
     for ex in test_examples:
         ys, xs = np.nonzero(nearest_colours(decode(ex.jpeg)) == ex.scene.colour)
@@ -199,7 +199,7 @@ def test_the_named_position_is_where_the_object_is(test_examples: list[synthetic
 
 
 def test_every_small_shape_is_smaller_than_every_large_one_of_its_kind(
-    test_examples: list[synthetic._Example],
+    test_examples: list[synthetic.Example],
 ) -> None:
     areas: dict[tuple[str, str], list[int]] = defaultdict(list)
     for ex in test_examples:
@@ -214,13 +214,13 @@ def test_every_small_shape_is_smaller_than_every_large_one_of_its_kind(
 # ---------------------------------------------------------------- distinct descriptions
 
 
-def test_a_split_of_100_has_100_distinct_descriptions(test_examples: list[synthetic._Example]) -> None:
+def test_a_split_of_100_has_100_distinct_descriptions(test_examples: list[synthetic.Example]) -> None:
     assert len({ex.scene for ex in test_examples}) == 100
 
 
 def test_scenes_repeat_only_after_every_combination_was_used() -> None:
     pool = synthetic.all_scenes()
-    scenes = synthetic._sample_scenes(len(pool) + 10, np.random.default_rng(0))
+    scenes = synthetic.sample_scenes(len(pool) + 10, np.random.default_rng(0))
     assert set(scenes[: len(pool)]) == set(pool)
     assert len(set(scenes[: len(pool)])) == len(pool)
 

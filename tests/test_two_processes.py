@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from crossmodal import checkpoint
-from crossmodal.artifacts import verify_artifacts
+from crossmodal.artifacts import load_verified
 from tests.conftest import ROOT, SUBPROCESS_ENV, accelerate_command, run_cli
 
 CPU_ENV = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "true"}
@@ -50,7 +50,7 @@ def runs(tmp_path_factory, small_dataset) -> dict[int, Path]:
 
 def test_two_processes_write_a_complete_artifact_folder(runs):
     output = runs[2]
-    artifacts = verify_artifacts(output / "artifacts")  # checksums, weights vs config, golden self-test
+    artifacts = load_verified(output / "artifacts")  # checksums, weights vs config, golden self-test
     run_state = json.loads((output / "checkpoints" / final_name(output) / "state.json").read_text())["run"]
     assert [entry["epoch"] for entry in run_state["history"]] == [1, 2]  # both epochs evaluated on val
     assert run_state["best_epoch"] in (1, 2)

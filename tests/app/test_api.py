@@ -1,4 +1,5 @@
-"""The real app over HTTP: what a gradio_client user gets (DESIGN 4.4), and what is never served.
+"""The real app over HTTP: what a gradio_client user gets (docs/architecture.md, "API endpoints"), and what is never
+served.
 
 Every query goes to `python app.py` in a subprocess (the shared `app_server` fixture), never to the handlers
 in-process, so Gradio's own pre- and post-processing is part of what is tested.
@@ -16,7 +17,8 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from crossmodal.artifacts import verify_artifacts
+from benchmarks.live_server import free_port, start_app
+from crossmodal.artifacts import load_verified
 from crossmodal.search import MAX_K, Searcher
 from tests.app.helpers import (
     ALL_IMAGES_R1_FLOOR,
@@ -29,7 +31,6 @@ from tests.app.helpers import (
     upload,
 )
 from tests.conftest import ROOT, SUBPROCESS_ENV
-from tests.live_server import free_port, start_app
 
 # --- the API contract -----------------------------------------------------------------------------------------------
 
@@ -76,7 +77,7 @@ def test_stored_captions_find_their_own_image_through_the_api(app_server, tables
     The tiny model tells the 100 test images apart (test t2i R@1 ~ 89%) but confuses shapes across all 1,200
     (train and val included): rank 1 lands near 26% (chance: 0.08%), top 5 near 89%. See test_search.
     """
-    searcher = Searcher(verify_artifacts(app_server.artifacts))
+    searcher = Searcher(load_verified(app_server.artifacts))
     test = set(test_rows)
     sample = [row for row, image in enumerate(tables[1]["image_index"]) if image in test]
     sample = sample[:: len(sample) // SELF_RETRIEVAL_SAMPLE][:SELF_RETRIEVAL_SAMPLE]
@@ -86,7 +87,7 @@ def test_stored_captions_find_their_own_image_through_the_api(app_server, tables
         event, (_, results) = call_api(app_server.url, "text_to_image", json.dumps({"data": [caption, 5]}))
         assert event == "complete"
         ids = [result["image_id"] for result in results]
-        hits = searcher.text_to_image(searcher.text_query(caption), 5)
+        hits = searcher.text_to_image(caption, 5)
         # The server answers what the search core answers (up to the order of float-noise ties).
         assert [result["score"] for result in results] == pytest.approx([hit.score for hit in hits], abs=2e-4)
         assert sorted(ids) == sorted(hit.image_id for hit in hits), caption

@@ -1,0 +1,192 @@
+"""From checked rows to the batches the model takes: the torch datasets, the epoch's order and the collation of
+training and of encoding whole splits.
+
+Every random choice of an epoch (its order, each image's caption and crop) is fixed by (run seed, epoch, row), so a
+resumed run, any number of loader workers and any number of processes see the same batches.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from crossmodal.augment import EncodedImage, TrainAugment, decode_batch, decodes_on_device
+from crossmodal.config import ModelConfig, TrainConfig
+from crossmodal.data import caption_lists
+from crossmodal.images import image_bytes
+from crossmodal.model import tokenize
+from crossmodal.preprocess import decode_for_eval, eval_draft_size, eval_transform
+
+
+def epoch_generator(seed: int, epoch: int, index: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index])
+
+
+# --- datasets and the sampler ------------------------------------------------------------------------------------
+
+
+class TrainPairs(Dataset):
+    """Item i of epoch e: image i, augmented, with one of its captions; both choices fixed by (seed, e, i).
+
+    One caption per image per epoch means a batch never holds two captions of one image, so no true pair is ever
+    used as a negative. With ``decode_on_device`` the item carries the JPEG bytes and the crop's seed instead of
+    pixels (see :mod:`crossmodal.augment`); images the device cannot decode like Pillow does are decoded here.
+    """
+
+    def __init__(
+        self, rows: datasets.Dataset, augment: TrainAugment, seed: int, decode_on_device: bool = False
+    ) -> None:
+        self.images = rows.select_columns(["image"])  # the other columns are never read: no need to copy them
+        self.captions = caption_lists(rows)  # cleaned once here, not at every step
+        self.augment = augment
+        self.seed = seed
+        self.decode_on_device = decode_on_device
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | EncodedImage, str]:
+        rng = epoch_generator(self.seed, self.epoch, index)
+        captions = self.captions[index]
+        caption = captions[rng.integers(len(captions))]
+        data, crop_seed = image_bytes(self.images[index]["image"]), int(rng.integers(2**62))
+        if self.decode_on_device and decodes_on_device(data):
+            return EncodedImage(data, crop_seed), caption
+        return self.augment.decode(data, crop_seed), caption
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation of the rows fixed by (seed, epoch): resuming mid-epoch replays the same order."""
+
+    def __init__(self, num_rows: int, seed: int) -> None:
+        self.num_rows = num_rows
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self):
+        return iter(epoch_generator(self.seed, self.epoch).permutation(self.num_rows).tolist())
+
+
+class EvalImages(Dataset):
+    """Every image of ``rows`` once, eval-preprocessed as search queries are, in row order.
+
+    With ``decode_on_device``, JPEGs the device decodes to Pillow's pixels stay encoded (see :func:`decodes_on_device`).
+    """
+
+    def __init__(self, rows: datasets.Dataset, config: ModelConfig, decode_on_device: bool = False) -> None:
+        self.images = rows.select_columns(["image"])
+        self.config = config
+        self.transform = eval_transform(config)
+        self.decode_on_device = decode_on_device
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor | EncodedImage:
+        data = image_bytes(self.images[index]["image"])
+        if self.decode_on_device and decodes_on_device(data, eval_draft_size(self.config)):
+            return EncodedImage(data)
+        return self.transform(decode_for_eval(data, self.config))
+
+
+# --- collation (classes, not lambdas, so loader workers can pickle them) -----------------------------------------
+
+
+def collate_images(items: list[torch.Tensor | EncodedImage]) -> torch.Tensor | list[torch.Tensor | EncodedImage]:
+    """Stack decoded images; a batch holding images left for the device stays a list (see :class:`DeviceBatch`)."""
+    if any(isinstance(item, EncodedImage) for item in items):
+        return list(items)
+    return torch.stack(items)
+
+
+class CaptionBatcher:
+    """Collate a list of captions into the text tower's token tensors."""
+
+    def __init__(self, tokenizer, config: ModelConfig) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        return tokenize(self.tokenizer, captions, self.config)
+
+
+class TrainBatcher:
+    """Collate (image, caption) pairs: images as :func:`collate_images` does, captions as :class:`CaptionBatcher`."""
+
+    def __init__(self, tokenizer, config: ModelConfig) -> None:
+        self.captions = CaptionBatcher(tokenizer, config)
+
+    def __call__(self, items: list[tuple[torch.Tensor | EncodedImage, str]]) -> dict[str, Any]:
+        images, captions = zip(*items, strict=True)
+        collated = collate_images(list(images))
+        key = "images" if isinstance(collated, list) else "pixel_values"  # a list: still to be decoded on the device
+        return {key: collated, **self.captions(list(captions))}
+
+
+class DeviceBatch:
+    """A loader batch, on the training device, made ready for the model.
+
+    ``decode_on_device`` batches carry JPEG bytes: they are decoded and cropped here (nvjpeg on CUDA). channels_last
+    is the layout cuDNN runs EfficientNet's convolutions fastest in; a channels_last input is enough for every
+    convolution to follow it, and the weights stay contiguous for safetensors.
+    """
+
+    def __init__(self, augment: TrainAugment, device: torch.device, *, channels_last: bool) -> None:
+        self.augment = augment
+        self.device = device
+        self.channels_last = channels_last
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        batch = dict(batch)
+        if "images" in batch:
+            batch["pixel_values"] = decode_batch(batch.pop("images"), self.augment, self.device)
+        if self.channels_last:
+            batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
+        return batch
+
+
+# --- the training loader -----------------------------------------------------------------------------------------
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def loader_workers(configured: int | None, num_processes: int) -> int:
+    """Loader workers per process: as configured, or every core this process's share has but one (it drives the
+    model), since decode + augment is the CPU-heavy part of a step."""
+    if configured is not None:
+        return configured
+    return max(usable_cores() // num_processes - 1, 0)
+
+
+def make_train_loader(
+    dataset: TrainPairs, tokenizer, model_config: ModelConfig, train_config: TrainConfig, num_workers: int
+) -> DataLoader:
+    """Global batches of ``dataset`` in the epoch's order (``set_epoch``), collated by :class:`TrainBatcher`."""
+    return DataLoader(
+        dataset,
+        batch_size=train_config.batch_size,
+        sampler=EpochShuffle(len(dataset), train_config.seed),
+        drop_last=True,  # every step sees a full global batch: the same number of negatives
+        num_workers=num_workers,
+        collate_fn=TrainBatcher(tokenizer, model_config),
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,  # workers must see each epoch's set_epoch
+    )

@@ -1,0 +1,93 @@
+"""The captions of the synthetic dataset: five phrasings of a scene, each naming all five of its attributes.
+
+Synonyms for every attribute and templates that differ in wording and order stand in for Flickr30k's annotators, so
+a model has to read the words rather than match one fixed sentence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from crossmodal.synthetic import Scene
+
+CAPTIONS_PER_IMAGE = 5
+
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
+SHAPE_WORDS = {
+    "circle": ("circle", "disc", "filled circle", "round dot"),
+    "square": ("square", "filled square", "square block"),
+    "triangle": ("triangle", "triangular shape", "filled triangle"),
+    "star": ("star", "five-pointed star", "star shape"),
+    "cross": ("cross", "plus sign", "plus shape"),
+    "ring": ("ring", "hoop", "donut shape"),
+}
+# Every phrase must read well both alone ("... on the left.") and before "of the image".
+POSITION_WORDS = {
+    "left": ("on the left", "on the left-hand side", "at the left"),
+    "right": ("on the right", "on the right-hand side", "at the right"),
+    "top": ("at the top", "near the top", "in the upper part"),
+    "bottom": ("at the bottom", "near the bottom", "in the lower part"),
+    "centre": ("in the centre", "in the middle", "at the center"),
+}
+BACKGROUND_NOUNS = ("background", "backdrop")
+
+# Each template mentions all five attributes; they differ in wording and order, so picking five distinct templates
+# gives five distinct captions. Lower-case terse ones mimic the untidy annotations of real caption datasets.
+TEMPLATES = (
+    "{Obj} {loc}, set against {a_bg} {bg} {bg_noun}.",
+    "{Loc}, there is {obj} on {a_bg} {bg} {bg_noun}.",
+    "{Obj} sitting {loc} of {a_bg} {bg} picture.",
+    "{Bg} {bg_noun} with {obj} {loc}.",
+    "{size} {colour} {shape}, {loc}, {bg} {bg_noun}",
+    "The picture shows {obj} {loc} of the frame, on {bg}.",
+    "{Obj} is drawn {loc} of the image; the {bg_noun} is {bg}.",
+    "{A_bg} {bg} image with {obj} placed {loc}.",
+    "{Loc} of {a_bg} {bg} canvas: {obj}.",
+    "{Obj} on {a_bg} {bg} {bg_noun}, positioned {loc}.",
+    "one {size} {colour} {shape} {loc} of the image, {bg} {bg_noun}",
+)
+
+
+def _pick(options: Sequence[str], rng: np.random.Generator) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _capitalise(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _caption(template: str, scene: Scene, rng: np.random.Generator) -> str:
+    """Fill one template, drawing a synonym for every attribute independently."""
+    size = _pick(SIZE_WORDS[scene.size], rng)
+    shape = _pick(SHAPE_WORDS[scene.shape], rng)
+    loc = _pick(POSITION_WORDS[scene.position], rng)
+    obj = f"{_article(size)} {size} {scene.colour} {shape}"
+    fields = {
+        "obj": obj,
+        "Obj": _capitalise(obj),
+        "size": size,
+        "colour": scene.colour,
+        "shape": shape,
+        "loc": loc,
+        "Loc": _capitalise(loc),
+        "bg": scene.background,
+        "Bg": _capitalise(scene.background),
+        "a_bg": _article(scene.background),
+        "A_bg": _capitalise(_article(scene.background)),
+        "bg_noun": _pick(BACKGROUND_NOUNS, rng),
+    }
+    return template.format(**fields)
+
+
+def scene_captions(scene: Scene, rng: np.random.Generator) -> tuple[str, ...]:
+    """Five different phrasings of the same scene, like Flickr30k's five annotators."""
+    templates = rng.choice(len(TEMPLATES), size=CAPTIONS_PER_IMAGE, replace=False)
+    return tuple(_caption(TEMPLATES[i], scene, rng) for i in templates)

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from crossmodal.batching import loader_workers
-from crossmodal.config import DEFAULT_DATASET, IMAGE_TOWERS, PRESETS
+from crossmodal.config import DEFAULT_DATASET, IMAGE_TOWERS, INITS, PRESETS
 from crossmodal.data import BadDataError, Corpus, DataSource, DataUnavailableError, SchemaError
 from crossmodal.encoding import encode_corpus
 from crossmodal.export import write_artifacts
+from crossmodal.pinned import PinnedFileError
 from crossmodal.train import TrainingAborted, TrainingInterrupted, format_metrics, make_accelerator, train
 
 
@@ -55,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--image-tower", choices=IMAGE_TOWERS)
     model.add_argument("--text-tower", help="a transformers encoder: Hub id or local folder")
     model.add_argument("--embed-dim", type=int)
-    model.add_argument("--init", choices=["pretrained", "random"], help="random: towers from config, no download")
+    model.add_argument("--init", choices=INITS, help="both towers; random: from config, no download")
+    model.add_argument("--image-init", choices=INITS, help="the image tower only (overrides --init)")
+    model.add_argument("--text-init", choices=INITS, help="the text tower only (overrides --init)")
     return parser.parse_args(argv)
 
 
@@ -67,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Configuration: the preset, then whatever the command line overrides.
     args = parse_args(argv)
     preset = PRESETS[args.preset]
+    inits = {"image_init": args.init, "text_init": args.init} if args.init else {}
+    inits |= overrides(args, ["image_init", "text_init"])  # one tower's flag wins over --init
     model_config = dataclasses.replace(
-        preset.model, **overrides(args, ["image_tower", "text_tower", "embed_dim", "init"])
+        preset.model, **inits, **overrides(args, ["image_tower", "text_tower", "embed_dim"])
     )
     train_config = dataclasses.replace(
         preset.train,
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             max_steps=args.max_steps,
         )
-    except (SchemaError, BadDataError, DataUnavailableError) as error:
+    except (SchemaError, BadDataError, DataUnavailableError, PinnedFileError) as error:
         accelerator.print(f"error: {error}")
         return 2
     except TrainingAborted as error:

@@ -74,7 +74,7 @@ def random_model(config: ModelConfig, rows: datasets.Dataset) -> tuple[DualEncod
     known = KNOWN_TEXT_ARCHITECTURES[config.text_tower]
     tokenizer = fit_wordpiece(caption_table(rows)[0], vocab_size=known["vocab_size"], max_length=config.max_text_length)
     text_config = {**known, "pad_token_id": tokenizer.pad_token_id}
-    config = dataclasses.replace(config, init="random", text_config=text_config)
+    config = dataclasses.replace(config, image_init="random", text_init="random", text_config=text_config)
     torch.manual_seed(0)  # the same weights every time: the tests compare paths on them
     model, config = build_model(config, tokenizer, pretrained=False, freeze_image_norm_stats=True)
     return model, config, tokenizer

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,6 +44,8 @@ KNOWN_TEXT_ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 IMAGE_TOWERS = ("torchvision:efficientnet_b0", "tiny-cnn")
+Init = Literal["pretrained", "random"]
+INITS: tuple[str, ...] = get_args(Init)
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,10 @@ class ModelConfig:
     image_tower: str = "torchvision:efficientnet_b0"  # ImageNet-pretrained, 5.3M params: fast on a CPU Space
     text_tower: str = "sentence-transformers/all-MiniLM-L12-v2"  # strong 33M-param sentence encoder
     embed_dim: int = 512  # CLIP ViT-B/32's joint width
-    init: Literal["pretrained", "random"] = "pretrained"  # random: towers from config, tokenizer fit on captions
+    # Each tower from its pretrained weights or from config; a random-init text tower gets a tokenizer fit on the
+    # training captions, a pretrained one keeps its own.
+    image_init: Init = "pretrained"
+    text_init: Init = "pretrained"
     image_size: int = 224  # EfficientNet-B0 IMAGENET1K_V1 eval crop
     resize_size: int = 256  # its eval resize before the centre crop
     image_mean: tuple[float, float, float] = IMAGENET_MEAN  # the tower's pretraining normalisation
@@ -63,17 +68,24 @@ class ModelConfig:
     logit_scale_max: float = 100.0  # CLIP clamps the scale at 100 to keep training stable
     # The transformers config of the text tower, filled in once the tower is built, so rebuilding needs no download.
     text_config: dict[str, Any] | None = None
+    # A pretrained text tower's provenance, filled in when its files are verified (crossmodal/pinned.py): the Hub
+    # commit, and each file's sha256 where the project pins them.
+    text_revision: str | None = None
+    text_files: dict[str, str] | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | {"init"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"config.json has unknown model keys {unknown}; was it written by a newer crossmodal?")
         values = dict(values)
+        if "init" in values:  # written before each tower had its own
+            values.setdefault("image_init", values["init"])
+            values.setdefault("text_init", values.pop("init"))
         for key in ("image_mean", "image_std"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -128,7 +140,8 @@ PRESETS: dict[str, Preset] = {
             image_tower="tiny-cnn",
             text_tower="tiny-bert",
             embed_dim=128,  # plenty for a few thousand generated pairs
-            init="random",
+            image_init="random",
+            text_init="random",
             image_size=64,  # the generated scenes are legible at 64 px; 12x fewer pixels than 224
             resize_size=72,
             max_text_length=32,  # generated captions are under 20 word pieces

@@ -73,8 +73,8 @@ def text_tower_config(config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -
 
 
 def build_text_tower(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, pretrained: bool) -> nn.Module:
-    if pretrained:
-        return AutoModel.from_pretrained(config.text_tower, add_pooling_layer=False)
+    if pretrained:  # a pinned tower's files were verified first (crossmodal/pinned.py, pin_text_tower)
+        return AutoModel.from_pretrained(config.text_tower, revision=config.text_revision, add_pooling_layer=False)
     values = text_tower_config(config, tokenizer)
     model_type = values.pop("model_type")
     tower_config = AutoConfig.for_model(model_type, **values)
@@ -113,10 +113,14 @@ class DualEncoder(nn.Module):
         features = self.image_tower(pixel_values)  # [B, F_img]
         return F.normalize(self.image_projection(features), dim=-1)  # [B, D]
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text tower's sentence vector before the projection: sentence-transformers' mean pooling."""
         hidden = self.text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # mean over real tokens: [B, H]
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # mean over real tokens: [B, H]
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.text_features(input_ids, attention_mask)
         return F.normalize(self.text_projection(pooled), dim=-1)  # [B, D]
 
     def scale(self) -> torch.Tensor:
@@ -146,10 +150,12 @@ def build_model(
 ) -> tuple[DualEncoder, ModelConfig]:
     """Build the dual encoder, and return the config completed with the text tower's full transformers config.
 
+    ``pretrained=True`` loads the towers whose config says pretrained (``image_init``, ``text_init``);
     ``pretrained=False`` downloads nothing: this is how an artifact is rebuilt before its weights are loaded.
     """
-    image_tower, image_width = build_image_tower(config.image_tower, pretrained=pretrained)
-    text_tower = build_text_tower(config, tokenizer, pretrained=pretrained)
+    image_pretrained = pretrained and config.image_init == "pretrained"
+    image_tower, image_width = build_image_tower(config.image_tower, pretrained=image_pretrained)
+    text_tower = build_text_tower(config, tokenizer, pretrained=pretrained and config.text_init == "pretrained")
     text_config = {
         key: value
         for key, value in text_tower.config.to_dict().items()

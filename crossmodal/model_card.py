@@ -5,6 +5,7 @@ from __future__ import annotations
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from crossmodal.config import ModelConfig, TrainConfig
+from crossmodal.pinned import PINNED
 
 METRIC_NAMES = {
     "i2t_R@1": "Image-to-text Recall@1",
@@ -64,6 +65,23 @@ of its captions. Embeddings of every image and caption of the dataset ship with 
 """
 
 
+def tower_line(name: str, init: str, revision: str | None = None) -> str:
+    if init != "pretrained":
+        return f"`{name}` from random init"
+    at = f" at commit `{revision}`" if revision else ""
+    pinned = PINNED.get(name)
+    licence = f", licence {pinned.licence}, every file checked against its pinned sha256" if pinned else ""
+    return f"`{name}` pretrained{at}{licence}"
+
+
+def init_line(model: ModelConfig) -> str:
+    """Where each tower's starting weights came from, and under which licence."""
+    image = tower_line(model.image_tower, model.image_init)
+    text = tower_line(model.text_tower, model.text_init, model.text_revision)
+    tokenizer = "its own tokenizer" if model.text_init == "pretrained" else "a tokenizer fit on the training captions"
+    return f"image tower {image}; text tower {text}, with {tokenizer}"
+
+
 def render_model_card(
     model: ModelConfig, train: TrainConfig, metrics: dict[str, dict[str, float]], dataset: dict[str, str | None]
 ) -> str:
@@ -73,6 +91,7 @@ def render_model_card(
         model_name=f"crossmodal {model.image_tower} + {model.text_tower}",
         library_name="crossmodal",
         language="en",
+        base_model=[model.text_tower] if model.text_init == "pretrained" and model.text_tower in PINNED else None,
         tags=["image-text-retrieval", "clip", "dual-encoder", "flickr30k"],
         datasets=None if dataset.get("local") else [dataset_id],  # the Hub only links Hub datasets
         eval_results=[
@@ -101,7 +120,7 @@ def render_model_card(
             text_tower=model.text_tower,
             max_len=model.max_text_length,
             embed_dim=model.embed_dim,
-            init="pretrained towers" if model.init == "pretrained" else "random (towers built from config)",
+            init=init_line(model),
             batch_size=train.batch_size,
             epochs=train.epochs,
             lr=train.lr,

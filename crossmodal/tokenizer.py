@@ -64,6 +64,6 @@ def _by_frequency(counts: Counter[str]) -> list[str]:
     return sorted(counts, key=lambda key: (-counts[key], key))
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """A pretrained tokenizer by Hub id, or one saved in a folder (the artifact's ``tokenizer/``)."""
-    return AutoTokenizer.from_pretrained(name_or_path)
+def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """A pretrained tokenizer by Hub id (at ``revision``), or one saved in a folder (the artifact's ``tokenizer/``)."""
+    return AutoTokenizer.from_pretrained(name_or_path, revision=revision)

@@ -33,6 +33,7 @@ from crossmodal.devices import safetensors_device
 from crossmodal.encoding import SplitEmbeddings, encode_split, evaluate_split
 from crossmodal.loss import clip_loss
 from crossmodal.model import DualEncoder, build_model
+from crossmodal.pinned import pin_text_tower
 from crossmodal.tokenizer import fit_wordpiece, load_tokenizer
 
 
@@ -81,8 +82,8 @@ class StopFlag:
 
 def make_tokenizer(config: ModelConfig, train_rows: datasets.Dataset, output_dir: Path, accelerator: Accelerator):
     """The pretrained tokenizer, or one fit on the training captions (by the main process, then shared via disk)."""
-    if config.init == "pretrained":
-        return load_tokenizer(config.text_tower)
+    if config.text_init == "pretrained":
+        return load_tokenizer(config.text_tower, config.text_revision)
     saved = output_dir / "tokenizer"
     if accelerator.is_main_process and not (saved / "tokenizer.json").exists():
         captions, _ = caption_table(train_rows)
@@ -248,12 +249,12 @@ def setup_run(
     set_seed(train_config.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
     stop = StopFlag()  # installed early: a SIGTERM during set-up still ends at the first clean boundary
+    model_config = pin_text_tower(model_config)  # a pinned tower's cached files verified before any is read
     splits = load_checked(accelerator, source, train_config.max_bad_row_fraction)
     tokenizer = make_tokenizer(model_config, splits["train"], output_dir, accelerator)
     model, model_config = build_model(
-        model_config, tokenizer, pretrained=model_config.init == "pretrained",
-        freeze_image_norm_stats=train_config.freeze_image_norm_stats,
-    )  # fmt: skip
+        model_config, tokenizer, pretrained=True, freeze_image_norm_stats=train_config.freeze_image_norm_stats
+    )
     on_cuda = accelerator.device.type == "cuda"
     optimizer = make_optimizer(model, train_config, fused=on_cuda)
     augment = TrainAugment(model_config)

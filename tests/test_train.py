@@ -123,7 +123,9 @@ def test_sigterm_writes_a_checkpoint_and_exits(tmp_path, small_dataset):
 
 def test_default_flickr30k_architecture_trains_one_step_on_cpu(tmp_path, small_dataset):
     """EfficientNet-B0 + MiniLM-L12 built from config (no download), embed dim 512: one real step."""
-    model_config = dataclasses.replace(PRESETS["flickr30k"].model, init="random", embed_dim=512)
+    model_config = dataclasses.replace(
+        PRESETS["flickr30k"].model, image_init="random", text_init="random", embed_dim=512
+    )
     train_config = dataclasses.replace(
         PRESETS["flickr30k"].train, batch_size=4, num_workers=0, eval_batch_size=16, log_every=1
     )

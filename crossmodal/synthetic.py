@@ -14,6 +14,7 @@ little pixel noise, small rotations), so the model has to generalise across it r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import itertools
 import math
@@ -26,7 +27,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
-from crossmodal.synthetic_captions import scene_captions
+from crossmodal.synthetic_captions import UNSEEN_WORDS, scene_captions
 
 SPLITS = ("train", "val", "test")
 
@@ -286,8 +287,20 @@ def _generate_split(n: int, split: str, image_size: tuple[int, int], seed: int) 
     return examples
 
 
+def in_unseen_words(examples: list[Example], seed: int) -> list[Example]:
+    """The same images, captioned again in words no training caption uses (synthetic_captions.UNSEEN_WORDS), from a
+    stream of their own, so the pictures stay those of the ordinary split and only the words differ."""
+    rng = np.random.default_rng([seed, len(SPLITS), 1])
+    return [dataclasses.replace(ex, captions=scene_captions(ex.scene, rng, UNSEEN_WORDS)) for ex in examples]
+
+
 def generate_examples(
-    num_train: int, num_val: int, num_test: int, image_size: tuple[int, int], seed: int
+    num_train: int,
+    num_val: int,
+    num_test: int,
+    image_size: tuple[int, int],
+    seed: int,
+    unseen_test_words: bool = False,
 ) -> dict[str, list[Example]]:
     """The rows of `generate` with their attributes and layouts, which the dataset itself does not carry."""
     if min(num_train, num_val, num_test) < 0:
@@ -295,7 +308,10 @@ def generate_examples(
     if min(image_size) < 16:
         raise ValueError(f"image_size {image_size} is too small to draw recognisable shapes (minimum 16x16)")
     counts = dict(zip(SPLITS, (num_train, num_val, num_test), strict=True))
-    return {split: _generate_split(n, split, image_size, seed) for split, n in counts.items()}
+    examples = {split: _generate_split(n, split, image_size, seed) for split, n in counts.items()}
+    if unseen_test_words:
+        examples["test"] = in_unseen_words(examples["test"], seed)
+    return examples
 
 
 def _to_dataset(examples: list[Example], split: str, first_id: int) -> datasets.Dataset:
@@ -317,13 +333,15 @@ def generate(
     num_test: int = 100,
     image_size: tuple[int, int] = (96, 96),
     seed: int = 0,
+    unseen_test_words: bool = False,
 ) -> datasets.DatasetDict:
     """Generate the dataset in the Flickr30k schema; the same arguments always give byte-identical rows.
 
     image_size is (width, height). img_id counts up from 0 through train, val and test, so ids and filenames are
-    unique across the whole dataset, as they are in Flickr30k.
+    unique across the whole dataset, as they are in Flickr30k. ``unseen_test_words``: the test split's captions (not
+    its images) use synonyms that never occur in training or validation captions.
     """
-    examples = generate_examples(num_train, num_val, num_test, image_size, seed)
+    examples = generate_examples(num_train, num_val, num_test, image_size, seed, unseen_test_words)
     splits = {}
     first_id = 0
     for split in SPLITS:
@@ -357,12 +375,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=96, help="image height in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", choices=("disk", "parquet"), default="disk", help="save_to_disk or Parquet files")
+    parser.add_argument(
+        "--unseen-test-words",
+        action="store_true",
+        help="caption the test images with colour, shape, size and background words no training caption uses",
+    )
     args = parser.parse_args(argv)
 
-    dataset = generate(args.train, args.val, args.test, image_size=(args.width, args.height), seed=args.seed)
+    image_size = (args.width, args.height)
+    dataset = generate(args.train, args.val, args.test, image_size, args.seed, args.unseen_test_words)
     out_dir = save(dataset, args.out, fmt=args.format)
     counts = ", ".join(f"{split}={len(rows)}" for split, rows in dataset.items())
-    size = f"{args.width}x{args.height}"
+    size = f"{args.width}x{args.height}" + ("; test captions in unseen words" if args.unseen_test_words else "")
     print(f"wrote synthetic dataset ({counts}; {size}, seed {args.seed}) as {args.format} to {out_dir}")
 
 

@@ -6,7 +6,8 @@ a model has to read the words rather than match one fixed sentence.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +35,44 @@ POSITION_WORDS = {
     "centre": ("in the centre", "in the middle", "at the center"),
 }
 BACKGROUND_NOUNS = ("background", "backdrop")
+
+# The unseen-words test split (``generate(..., unseen_test_words=True)``): a synonym for every colour, shape, size and
+# background word that no training or validation caption, and no template, ever uses, so a text tower can only read
+# it with what it knew before training. Positions keep their training words: the split asks about vocabulary.
+UNSEEN_SIZE_WORDS = {"small": ("petite", "miniature", "teeny"), "large": ("enormous", "giant", "massive")}
+UNSEEN_SHAPE_WORDS = {
+    "circle": ("ball", "orb", "sphere"),
+    "square": ("box", "tile", "cube"),
+    "triangle": ("pyramid", "wedge"),
+    "star": ("pentagram", "asterisk"),
+    "cross": ("crucifix", "cruciform figure"),
+    "ring": ("loop", "halo", "bagel"),
+}
+UNSEEN_COLOUR_WORDS = {
+    "red": ("scarlet", "crimson"),
+    "green": ("emerald", "jade"),
+    "blue": ("azure", "cobalt", "sapphire"),
+    "yellow": ("golden", "lemon"),
+    "purple": ("violet", "lilac"),
+    "orange": ("tangerine", "amber"),
+    "white": ("ivory", "snowy"),
+    "black": ("ebony", "inky", "charcoal"),
+}
+UNSEEN_BACKGROUND_NOUNS = ("surface", "field", "wall")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The words a caption may use for each attribute value."""
+
+    sizes: Mapping[str, Sequence[str]]
+    shapes: Mapping[str, Sequence[str]]
+    background_nouns: Sequence[str]
+    colours: Mapping[str, Sequence[str]] | None = None  # None: the palette name itself (no draw, as always)
+
+
+TRAINING_WORDS = Vocabulary(SIZE_WORDS, SHAPE_WORDS, BACKGROUND_NOUNS)
+UNSEEN_WORDS = Vocabulary(UNSEEN_SIZE_WORDS, UNSEEN_SHAPE_WORDS, UNSEEN_BACKGROUND_NOUNS, UNSEEN_COLOUR_WORDS)
 
 # Each template mentions all five attributes; they differ in wording and order, so picking five distinct templates
 # gives five distinct captions. Lower-case terse ones mimic the untidy annotations of real caption datasets.
@@ -64,30 +103,33 @@ def _capitalise(text: str) -> str:
     return text[0].upper() + text[1:]
 
 
-def _caption(template: str, scene: Scene, rng: np.random.Generator) -> str:
+def _caption(template: str, scene: Scene, rng: np.random.Generator, words: Vocabulary) -> str:
     """Fill one template, drawing a synonym for every attribute independently."""
-    size = _pick(SIZE_WORDS[scene.size], rng)
-    shape = _pick(SHAPE_WORDS[scene.shape], rng)
+    size = _pick(words.sizes[scene.size], rng)
+    shape = _pick(words.shapes[scene.shape], rng)
     loc = _pick(POSITION_WORDS[scene.position], rng)
-    obj = f"{_article(size)} {size} {scene.colour} {shape}"
+    colour, background = scene.colour, scene.background
+    if words.colours is not None:
+        colour, background = _pick(words.colours[colour], rng), _pick(words.colours[background], rng)
+    obj = f"{_article(size)} {size} {colour} {shape}"
     fields = {
         "obj": obj,
         "Obj": _capitalise(obj),
         "size": size,
-        "colour": scene.colour,
+        "colour": colour,
         "shape": shape,
         "loc": loc,
         "Loc": _capitalise(loc),
-        "bg": scene.background,
-        "Bg": _capitalise(scene.background),
-        "a_bg": _article(scene.background),
-        "A_bg": _capitalise(_article(scene.background)),
-        "bg_noun": _pick(BACKGROUND_NOUNS, rng),
+        "bg": background,
+        "Bg": _capitalise(background),
+        "a_bg": _article(background),
+        "A_bg": _capitalise(_article(background)),
+        "bg_noun": _pick(words.background_nouns, rng),
     }
     return template.format(**fields)
 
 
-def scene_captions(scene: Scene, rng: np.random.Generator) -> tuple[str, ...]:
+def scene_captions(scene: Scene, rng: np.random.Generator, words: Vocabulary = TRAINING_WORDS) -> tuple[str, ...]:
     """Five different phrasings of the same scene, like Flickr30k's five annotators."""
     templates = rng.choice(len(TEMPLATES), size=CAPTIONS_PER_IMAGE, replace=False)
-    return tuple(_caption(TEMPLATES[i], scene, rng) for i in templates)
+    return tuple(_caption(TEMPLATES[i], scene, rng, words) for i in templates)

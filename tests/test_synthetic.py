@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -290,3 +291,67 @@ def test_main_saves_to_disk_by_default(tmp_path: Path, capsys: pytest.CaptureFix
     loaded = datasets.load_from_disk(str(tmp_path / "d"))
     assert {name: len(rows) for name, rows in loaded.items()} == {"train": 2, "val": 1, "test": 1}
     assert loaded["train"][0]["image"].size == (32, 96)
+
+
+# ---------------------------------------------------------------- the unseen-words test split
+
+
+def words_of(texts) -> set[str]:
+    return {word for text in texts for word in re.findall(r"[a-z]+", text.lower())}
+
+
+def attribute_words(vocabulary: synthetic_captions.Vocabulary) -> set[str]:
+    colours = vocabulary.colours or {name: (name,) for name in synthetic.COLOURS}
+    phrases = [*vocabulary.background_nouns]
+    for table in (vocabulary.sizes, vocabulary.shapes, colours):
+        phrases += [phrase for options in table.values() for phrase in options]
+    return words_of(phrases)
+
+
+@pytest.fixture(scope="module")
+def unseen() -> dict[str, list[synthetic.Example]]:
+    return synthetic.generate_examples(300, 50, 100, (96, 96), seed=0, unseen_test_words=True)
+
+
+def test_unseen_test_words_change_only_the_test_captions(unseen):
+    ordinary = synthetic.generate_examples(300, 50, 100, (96, 96), seed=0)
+    for split in ("train", "val"):
+        assert unseen[split] == ordinary[split]
+    assert [ex.jpeg for ex in unseen["test"]] == [ex.jpeg for ex in ordinary["test"]]  # the same pictures
+    assert [ex.scene for ex in unseen["test"]] == [ex.scene for ex in ordinary["test"]]
+    assert all(a.captions != b.captions for a, b in zip(unseen["test"], ordinary["test"], strict=True))
+
+
+def test_no_training_or_validation_caption_and_no_template_uses_an_unseen_word(unseen):
+    new_words = attribute_words(synthetic_captions.UNSEEN_WORDS)
+    seen = words_of(caption for split in ("train", "val") for ex in unseen[split] for caption in ex.captions)
+    seen |= words_of(synthetic_captions.TEMPLATES) | words_of(
+        phrase for options in synthetic_captions.POSITION_WORDS.values() for phrase in options
+    )
+    assert new_words & seen == set()
+    assert new_words & attribute_words(synthetic_captions.TRAINING_WORDS) == set()
+    assert len(new_words) >= 40
+
+
+def test_every_unseen_caption_names_each_attribute_in_its_new_words_only(unseen):
+    words = synthetic_captions.UNSEEN_WORDS
+    old_words = attribute_words(synthetic_captions.TRAINING_WORDS)
+    for ex in unseen["test"]:
+        scene = ex.scene
+        for caption in ex.captions:
+            text = caption.lower()
+            assert any(option in text for option in words.sizes[scene.size]), caption
+            assert any(option in text for option in words.shapes[scene.shape]), caption
+            assert any(option in text for option in words.colours[scene.colour]), caption
+            assert any(option in text for option in words.colours[scene.background]), caption
+            assert any(option in text for option in synthetic_captions.POSITION_WORDS[scene.position]), caption
+            assert words_of([caption]) & old_words == set(), caption
+
+
+def test_the_cli_writes_an_unseen_words_test_split(tmp_path):
+    out = tmp_path / "data"
+    synthetic.main(["--out", str(out), "--train", "4", "--val", "2", "--test", "3", "--unseen-test-words"])
+    written = datasets.load_from_disk(str(out))
+    new_words = attribute_words(synthetic_captions.UNSEEN_WORDS)
+    assert words_of(c for five in written["test"]["caption"] for c in five) & new_words
+    assert not words_of(c for five in written["train"]["caption"] for c in five) & new_words

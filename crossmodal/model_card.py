@@ -124,7 +124,9 @@ def render_model_card(
             batch_size=train.batch_size,
             epochs=train.epochs,
             lr=train.lr,
-            tower_ratio=train.tower_lr_ratio,
+            tower_ratio=train.tower_lr_ratio
+            if train.text_tower_lr_ratio is None
+            else f"{train.tower_lr_ratio} image, x{train.text_tower_lr_ratio} text",
             test_images=dataset.get("test_images", "?"),
             num_images=dataset.get("num_images", "?"),
             num_captions=dataset.get("num_captions", "?"),

@@ -94,21 +94,18 @@ def make_tokenizer(config: ModelConfig, train_rows: datasets.Dataset, output_dir
 
 
 def parameter_groups(model: DualEncoder, train: TrainConfig) -> list[dict[str, Any]]:
-    """Towers at lr * tower_lr_ratio, projections and scale at lr; no weight decay on biases, norms and the scale."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    """Towers at lr * tower_lr_ratio (the text tower at lr * text_tower_lr_ratio if set), the rest at lr; no weight
+    decay on biases, norms and the scale. Without a text ratio: the four groups, in the order old checkpoints hold."""
+    groups: dict[tuple[bool, bool, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        in_tower = name.startswith(("image_tower.", "text_tower."))
-        decays = parameter.ndim >= 2
-        groups.setdefault((in_tower, decays), []).append(parameter)
+        if parameter.requires_grad:
+            own_ratio = train.text_tower_lr_ratio is not None and name.startswith("text_tower.")
+            key = (name.startswith(("image_tower.", "text_tower.")), parameter.ndim >= 2, own_ratio)
+            groups.setdefault(key, []).append(parameter)
+    ratio = {(True, False): train.tower_lr_ratio, (False, False): 1.0, (True, True): train.text_tower_lr_ratio}
     return [
-        {
-            "params": params,
-            "lr": train.lr * (train.tower_lr_ratio if in_tower else 1.0),
-            "weight_decay": train.weight_decay if decays else 0.0,
-        }
-        for (in_tower, decays), params in sorted(groups.items())
+        {"params": params, "lr": train.lr * ratio[in_tower, own], "weight_decay": train.weight_decay if decays else 0.0}
+        for (in_tower, decays, own), params in sorted(groups.items())
     ]
 
 

@@ -12,6 +12,7 @@ from crossmodal.artifacts import ArtifactError, rebuild_model
 from crossmodal.config import PRESETS, ModelConfig
 from crossmodal.model import build_model
 from crossmodal.tokenizer import fit_wordpiece
+from crossmodal.train import parameter_groups
 
 CAPTIONS = ["a red circle on the left", "a blue star at the top", "two dogs run in the snow"]
 
@@ -77,3 +78,21 @@ def test_weights_that_do_not_match_the_config_are_refused(tiny, tmp_path):
     save_file(weights, tmp_path / "model.safetensors")
     with pytest.raises(ArtifactError, match=r"missing \['image_projection.weight'\], unexpected \['extra.weight'\]"):
         rebuild_model(tmp_path)
+
+
+def test_the_text_tower_can_have_its_own_learning_rate(tiny):
+    model, _, _ = tiny
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    recipe = PRESETS["flickr30k"].train  # towers at 0.1 x lr
+    lr, wd = recipe.lr, recipe.weight_decay
+    # Without a text ratio: the four groups, in the order older checkpoints' optimizer states hold them.
+    groups = parameter_groups(model, recipe)
+    assert [g["lr"] for g in groups] == pytest.approx([lr, lr, lr * 0.1, lr * 0.1])
+    assert [g["weight_decay"] for g in groups] == [0, wd, 0, wd]
+    own = parameter_groups(model, dataclasses.replace(recipe, tower_lr_ratio=1.0, text_tower_lr_ratio=0.05))
+    for grouping in (groups, own):
+        assert sorted(id(p) for g in grouping for p in g["params"]) == sorted(id(p) for p in trainable)
+    lr_of = {id(p): g["lr"] for g in own for p in g["params"]}
+    assert all(lr_of[id(p)] == pytest.approx(lr * 0.05) for p in model.text_tower.parameters())
+    assert {lr_of[id(p)] for p in model.image_tower.parameters()} == {lr}
+    assert {lr_of[id(p)] for p in [*model.text_projection.parameters(), model.logit_scale]} == {lr}

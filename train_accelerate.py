@@ -52,10 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     recipe.add_argument("--grad-accum-steps", type=int)
     recipe.add_argument("--num-workers", type=int)
     recipe.add_argument("--checkpoint-every", type=int)
+    recipe.add_argument("--text-tower-lr-ratio", type=float, help="the text tower's lr / --lr (default: the towers')")
+    recipe.add_argument(
+        "--lock-text-tower",
+        action=argparse.BooleanOptionalAction,
+        help="train nothing of the text tower; its caption features are computed once (LiT)",
+    )
     model = parser.add_argument_group("model overrides (default: the preset's)")
     model.add_argument("--image-tower", choices=IMAGE_TOWERS)
     model.add_argument("--text-tower", help="a transformers encoder: Hub id or local folder")
     model.add_argument("--embed-dim", type=int)
+    model.add_argument("--text-adapter-width", type=int, help="a residual MLP on the text features (0: none)")
     model.add_argument("--init", choices=INITS, help="both towers; random: from config, no download")
     model.add_argument("--image-init", choices=INITS, help="the image tower only (overrides --init)")
     model.add_argument("--text-init", choices=INITS, help="the text tower only (overrides --init)")
@@ -73,14 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     inits = {"image_init": args.init, "text_init": args.init} if args.init else {}
     inits |= overrides(args, ["image_init", "text_init"])  # one tower's flag wins over --init
     model_config = dataclasses.replace(
-        preset.model, **inits, **overrides(args, ["image_tower", "text_tower", "embed_dim"])
+        preset.model, **inits, **overrides(args, ["image_tower", "text_tower", "embed_dim", "text_adapter_width"])
     )
-    train_config = dataclasses.replace(
-        preset.train,
-        **overrides(
-            args, ["epochs", "batch_size", "lr", "seed", "grad_accum_steps", "num_workers", "checkpoint_every"]
-        ),
-    )
+    recipe = ["epochs", "batch_size", "lr", "seed", "grad_accum_steps", "num_workers", "checkpoint_every"]
+    recipe += ["text_tower_lr_ratio", "lock_text_tower"]
+    train_config = dataclasses.replace(preset.train, **overrides(args, recipe))
     source = DataSource(args.dataset, args.dataset_revision, args.image_column, args.caption_column, args.val_split)
     accelerator = make_accelerator(train_config, args.output_dir, args.mixed_precision, args.report_to)
 

@@ -41,7 +41,7 @@ from benchmarks.common import (
     throughput_parser,
 )
 from crossmodal.augment import TrainAugment
-from crossmodal.batching import DeviceBatch, TrainPairs, loader_workers, make_train_loader
+from crossmodal.batching import CaptionBatcher, DeviceBatch, TrainPairs, loader_workers, make_train_loader
 from crossmodal.config import PRESETS
 from crossmodal.train import make_accelerator, make_optimizer, train_step
 
@@ -106,7 +106,7 @@ def build_bench(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     augment = TrainAugment(model_config)
     dataset = TrainPairs(rows, augment, train_config.seed, decode_on_device=decode_on_device)
-    loader = make_train_loader(dataset, tokenizer, model_config, train_config, workers)
+    loader = make_train_loader(dataset, CaptionBatcher(tokenizer, model_config), train_config, workers)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     model.train()
     device_batch = DeviceBatch(augment, accelerator.device, channels_last=cuda_like)

@@ -8,6 +8,7 @@ resumed run, any number of loader workers and any number of processes see the sa
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import datasets
@@ -126,10 +127,11 @@ class CaptionBatcher:
 
 
 class TrainBatcher:
-    """Collate (image, caption) pairs: images as :func:`collate_images` does, captions as :class:`CaptionBatcher`."""
+    """Collate (image, caption) pairs: images as :func:`collate_images` does, captions with ``captions``: a
+    :class:`CaptionBatcher` (tokens), or a locked tower's precomputed features (crossmodal/locked_text.py)."""
 
-    def __init__(self, tokenizer, config: ModelConfig) -> None:
-        self.captions = CaptionBatcher(tokenizer, config)
+    def __init__(self, captions: Callable[[list[str]], dict[str, torch.Tensor]]) -> None:
+        self.captions = captions
 
     def __call__(self, items: list[tuple[torch.Tensor | EncodedImage, str]]) -> dict[str, Any]:
         images, captions = zip(*items, strict=True)
@@ -177,16 +179,20 @@ def loader_workers(configured: int | None, num_processes: int) -> int:
 
 
 def make_train_loader(
-    dataset: TrainPairs, tokenizer, model_config: ModelConfig, train_config: TrainConfig, num_workers: int
+    dataset: TrainPairs,
+    captions: Callable[[list[str]], dict[str, torch.Tensor]],
+    train_config: TrainConfig,
+    num_workers: int,
 ) -> DataLoader:
-    """Global batches of ``dataset`` in the epoch's order (``set_epoch``), collated by :class:`TrainBatcher`."""
+    """Global batches of ``dataset`` in the epoch's order (``set_epoch``), collated by :class:`TrainBatcher` with
+    ``captions`` as its caption collator."""
     return DataLoader(
         dataset,
         batch_size=train_config.batch_size,
         sampler=EpochShuffle(len(dataset), train_config.seed),
         drop_last=True,  # every step sees a full global batch: the same number of negatives
         num_workers=num_workers,
-        collate_fn=TrainBatcher(tokenizer, model_config),
+        collate_fn=TrainBatcher(captions),
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,  # workers must see each epoch's set_epoch
     )

@@ -96,12 +96,27 @@ class DualEncoder(nn.Module):
         self.image_tower = image_tower
         self.text_tower = text_tower
         self.image_projection = nn.Linear(image_width, config.embed_dim, bias=False)
-        self.text_projection = nn.Linear(text_tower.config.hidden_size, config.embed_dim, bias=False)
+        width = text_tower.config.hidden_size
+        # A residual MLP on the pooled text features, trained beside a locked tower (config.text_adapter_width);
+        # its last layer starts at zero, so training starts from the tower's own features.
+        self.text_adapter = None
+        if config.text_adapter_width:
+            self.text_adapter = nn.Sequential(
+                nn.Linear(width, config.text_adapter_width), nn.GELU(), nn.Linear(config.text_adapter_width, width)
+            )
+            nn.init.zeros_(self.text_adapter[-1].weight)
+            nn.init.zeros_(self.text_adapter[-1].bias)
+        self.text_projection = nn.Linear(width, config.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         self.freeze_image_norm_stats = freeze_image_norm_stats
+        self.text_tower_locked = False  # crossmodal/locked_text.py: not trained, so no dropout either
+        # A locked tower's features of the captions it has seen (locked_text.LockedCaptionBatcher); not saved.
+        self.known_text_features = None
 
     def train(self, mode: bool = True) -> DualEncoder:
         super().train(mode)
+        if mode and self.text_tower_locked:
+            self.text_tower.eval()
         if mode and self.freeze_image_norm_stats:
             # Pretrained BatchNorm statistics are better than ones re-estimated from small contrastive batches.
             for module in self.image_tower.modules():
@@ -120,16 +135,29 @@ class DualEncoder(nn.Module):
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # mean over real tokens: [B, H]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        pooled = self.text_features(input_ids, attention_mask)
-        return F.normalize(self.text_projection(pooled), dim=-1)  # [B, D]
+        return self.project_text(self.text_features(input_ids, attention_mask))
+
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.text_adapter is not None:
+            pooled = pooled + self.text_adapter(pooled)
+        return F.normalize(self.text_projection(pooled), dim=-1)  # [B, H] -> [B, D]
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
 
     def forward(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask), self.scale()
+        """Tokens, or a locked tower's precomputed ``text_features`` (crossmodal/locked_text.py)."""
+        if text_features is not None:
+            text = self.project_text(text_features.to(self.text_projection.weight.dtype))
+        else:
+            text = self.encode_text(input_ids, attention_mask)
+        return self.encode_image(pixel_values), text, self.scale()
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], config: ModelConfig) -> dict[str, torch.Tensor]:

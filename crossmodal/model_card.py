@@ -74,6 +74,15 @@ def tower_line(name: str, init: str, revision: str | None = None) -> str:
     return f"`{name}` pretrained{at}{licence}"
 
 
+def tower_ratio_text(train: TrainConfig) -> str:
+    """The towers' learning-rate ratios as the card states them; a locked text tower is not trained at all."""
+    if train.lock_text_tower:
+        return f"{train.tower_lr_ratio} image; text tower locked, not trained (LiT)"
+    if train.text_tower_lr_ratio is None:
+        return str(train.tower_lr_ratio)
+    return f"{train.tower_lr_ratio} image, x{train.text_tower_lr_ratio} text"
+
+
 def init_line(model: ModelConfig) -> str:
     """Where each tower's starting weights came from, and under which licence."""
     image = tower_line(model.image_tower, model.image_init)
@@ -124,9 +133,7 @@ def render_model_card(
             batch_size=train.batch_size,
             epochs=train.epochs,
             lr=train.lr,
-            tower_ratio=train.tower_lr_ratio
-            if train.text_tower_lr_ratio is None
-            else f"{train.tower_lr_ratio} image, x{train.text_tower_lr_ratio} text",
+            tower_ratio=tower_ratio_text(train),
             test_images=dataset.get("test_images", "?"),
             num_images=dataset.get("num_images", "?"),
             num_captions=dataset.get("num_captions", "?"),

@@ -1,9 +1,10 @@
 """A procedurally drawn image-caption dataset in exactly the Flickr30k schema.
 
-Each image is one coloured shape on a coloured background, and every caption names the shape, its colour, size,
-position and the background colour. A small model can therefore learn the task from scratch in minutes, which makes
-this the dataset for tests, the offline demo and benchmarks: the whole pipeline runs without downloading anything,
-and retrieval quality on it is meaningful (a broken model scores near chance, a working one near perfect).
+Each image is one coloured shape on a coloured background; three of its five captions name the shape, its colour,
+size, position and the background colour, two describe only the figure or only the background. A small model can
+therefore learn the task from scratch in minutes, which makes this the dataset for tests, the offline demo and
+benchmarks: the whole pipeline runs without downloading anything, and retrieval quality on it is meaningful (a
+broken model scores near chance, a working one near perfect).
 
 The captions never mention the nuisance variation (position and size jitter, colour shades, background texture, a
 little pixel noise, small rotations), so the model has to generalise across it rather than memorise pixels.
@@ -89,7 +90,7 @@ _SUPERSAMPLE = 4  # the shape mask is drawn this much larger and downsampled, wh
 
 @dataclass(frozen=True)
 class Scene:
-    """The named attributes of one image: exactly what every caption states."""
+    """The named attributes of one image: what its full captions state (partial ones state a subset)."""
 
     shape: str
     colour: str

@@ -1,7 +1,10 @@
-"""The captions of the synthetic dataset: five phrasings of a scene, each naming all five of its attributes.
+"""The captions of the synthetic dataset: five phrasings of a scene, as varied as Flickr30k's annotators.
 
-Synonyms for every attribute and templates that differ in wording and order stand in for Flickr30k's annotators, so
-a model has to read the words rather than match one fixed sentence.
+Like Flickr30k's five captions per image, which run from a few words to a long sentence and often describe only part
+of the picture, each scene gets three full descriptions (terse to long, all five attributes) and two partial ones
+(the figure with or without its place, or only the background). Synonyms for every attribute and templates that
+differ in wording and order make a model read the words rather than match one fixed sentence; the partial ones teach
+it that a short query such as "a small red circle at the top" is about the figure, not the background.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ if TYPE_CHECKING:
     from crossmodal.synthetic import Scene
 
 CAPTIONS_PER_IMAGE = 5
+FULL_CAPTIONS_PER_IMAGE = 3  # the other two are partial (PARTIAL_TEMPLATES)
 
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
 SHAPE_WORDS = {
@@ -74,8 +78,9 @@ class Vocabulary:
 TRAINING_WORDS = Vocabulary(SIZE_WORDS, SHAPE_WORDS, BACKGROUND_NOUNS)
 UNSEEN_WORDS = Vocabulary(UNSEEN_SIZE_WORDS, UNSEEN_SHAPE_WORDS, UNSEEN_BACKGROUND_NOUNS, UNSEEN_COLOUR_WORDS)
 
-# Each template mentions all five attributes; they differ in wording and order, so picking five distinct templates
-# gives five distinct captions. Lower-case terse ones mimic the untidy annotations of real caption datasets.
+# Each template mentions all five attributes; they differ in wording, order and length (from a terse list to a long
+# sentence), so picking distinct templates gives distinct captions. Lower-case terse ones mimic the untidy
+# annotations of real caption datasets. No template may use a word of UNSEEN_WORDS (tests/test_synthetic.py).
 TEMPLATES = (
     "{Obj} {loc}, set against {a_bg} {bg} {bg_noun}.",
     "{Loc}, there is {obj} on {a_bg} {bg} {bg_noun}.",
@@ -88,7 +93,28 @@ TEMPLATES = (
     "{Loc} of {a_bg} {bg} canvas: {obj}.",
     "{Obj} on {a_bg} {bg} {bg_noun}, positioned {loc}.",
     "one {size} {colour} {shape} {loc} of the image, {bg} {bg_noun}",
+    "This simple drawing has {a_bg} plain {bg} {bg_noun} that fills the whole frame, and {obj} has been placed {loc}"
+    " of it, turned slightly to one side.",
+    "{Obj}, slightly rotated and with soft edges, sits {loc} of the picture, drawn over {a_bg} {bg} {bg_noun} that"
+    " has a faint texture and nothing else on it.",
 )
+# What an annotator writes who describes only part of the picture: the figure (with or without its place and size),
+# or only the background. They state nothing false and nothing of the rest.
+FIGURE_TEMPLATES = (
+    "{obj} {loc}",
+    "{Obj} {loc}.",
+    "{colour} {shape} {loc}",
+    "{Obj}.",
+    "{a_colour} {colour} {shape}",
+    "{size} {colour} {shape}",
+    "There is {obj} {loc} of the picture.",
+)
+BACKGROUND_TEMPLATES = (
+    "{A_bg} plain {bg} {bg_noun}.",
+    "{bg} {bg_noun}",
+    "Something drawn on {a_bg} {bg} {bg_noun}.",
+)
+PARTIAL_TEMPLATES = FIGURE_TEMPLATES + BACKGROUND_TEMPLATES
 
 
 def _pick(options: Sequence[str], rng: np.random.Generator) -> str:
@@ -114,6 +140,7 @@ def _caption(template: str, scene: Scene, rng: np.random.Generator, words: Vocab
     obj = f"{_article(size)} {size} {colour} {shape}"
     fields = {
         "obj": obj,
+        "a_colour": _article(colour),
         "Obj": _capitalise(obj),
         "size": size,
         "colour": colour,
@@ -130,6 +157,9 @@ def _caption(template: str, scene: Scene, rng: np.random.Generator, words: Vocab
 
 
 def scene_captions(scene: Scene, rng: np.random.Generator, words: Vocabulary = TRAINING_WORDS) -> tuple[str, ...]:
-    """Five different phrasings of the same scene, like Flickr30k's five annotators."""
-    templates = rng.choice(len(TEMPLATES), size=CAPTIONS_PER_IMAGE, replace=False)
-    return tuple(_caption(TEMPLATES[i], scene, rng, words) for i in templates)
+    """Five different phrasings of the same scene, like Flickr30k's five annotators: three full, then two partial
+    (the first caption, which the app shows under a thumbnail, describes the whole picture)."""
+    full = rng.choice(len(TEMPLATES), size=FULL_CAPTIONS_PER_IMAGE, replace=False)
+    partial = rng.choice(len(PARTIAL_TEMPLATES), size=CAPTIONS_PER_IMAGE - FULL_CAPTIONS_PER_IMAGE, replace=False)
+    templates = [TEMPLATES[i] for i in full] + [PARTIAL_TEMPLATES[i] for i in partial]
+    return tuple(_caption(template, scene, rng, words) for template in templates)

@@ -31,6 +31,7 @@ from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, ModelConfig, TrainConfig
 from crossmodal.data import DataSource, caption_table, check_rows, load_splits
 from crossmodal.devices import safetensors_device
 from crossmodal.encoding import SplitEmbeddings, encode_split, evaluate_split
+from crossmodal.locked_text import lock_text_tower, train_captions
 from crossmodal.loss import clip_loss
 from crossmodal.model import DualEncoder, build_model
 from crossmodal.pinned import pin_text_tower
@@ -253,11 +254,14 @@ def setup_run(
         model_config, tokenizer, pretrained=True, freeze_image_norm_stats=train_config.freeze_image_norm_stats
     )
     on_cuda = accelerator.device.type == "cuda"
+    if train_config.lock_text_tower:
+        lock_text_tower(model)  # before the optimizer is built, so it never holds the tower's weights
     optimizer = make_optimizer(model, train_config, fused=on_cuda)
     augment = TrainAugment(model_config)
     dataset = TrainPairs(splits["train"], augment, train_config.seed, decode_on_device=train_config.decode_on_device)
     workers = loader_workers(train_config.num_workers, accelerator.num_processes)
-    loader = make_train_loader(dataset, tokenizer, model_config, train_config, workers)
+    captions = train_captions(model.to(accelerator.device), tokenizer, splits, train_config, accelerator)
+    loader = make_train_loader(dataset, captions, train_config, workers)
     batches_per_epoch = len(loader)
     if batches_per_epoch == 0:
         raise ValueError(f"{len(dataset)} training images is fewer than one global batch of {train_config.batch_size}")

@@ -1,4 +1,5 @@
-"""Shared fixtures: generated datasets on disk, README's demo run (one real tiny training run) and its app."""
+"""Shared fixtures: generated datasets on disk, README's demo run (the demo preset, trained and served), one real
+tiny training run beside it, and an app on that."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from huggingface_hub import HfApi
 
 from benchmarks.live_server import free_port, start_app, wait_until_answering
 from crossmodal import hub, pinned, synthetic
-from tests.readme import DEMO, INSTALL_PINNED, Sandbox
+from tests.readme import DEMO, INSTALL_PINNED, TRAIN_TINY, Sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
 atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)
@@ -99,7 +100,7 @@ def full_dataset(tmp_path_factory) -> Path:
 
 @dataclass
 class DemoRun:
-    artifacts: Path  # runs/tiny/artifacts in the sandbox
+    artifacts: Path  # runs/demo/artifacts in the sandbox
     url: str  # where its app answered
     answer: list[dict]  # /text_to_image's JSON for each query sent
     queries: list[tuple[str, str]]  # (test caption, its image id)
@@ -115,16 +116,16 @@ def readme_sandbox(tmp_path_factory) -> Sandbox:
 
 @pytest.fixture(scope="session")
 def demo_run(readme_sandbox, tmp_path_factory) -> DemoRun:
-    """README's first command, `bash scripts/demo.sh`, as typed: it generates the data, trains the `tiny` preset
-    under `accelerate launch`, evaluates, and serves; once the app answers, five held-out captions are searched for
-    through gradio_client, then Ctrl-C stops it. Its artifact folder is the `tiny_run` the other tests share."""
+    """README's first command, `bash scripts/demo.sh`, as typed: it installs the pinned text tower, generates the
+    data, trains the `demo` preset under `accelerate launch`, evaluates, and serves; once the app answers, five
+    held-out captions are searched for through gradio_client, then Ctrl-C stops it."""
     port = free_port()
     log = tmp_path_factory.mktemp("demo") / "demo.log"
     process = readme_sandbox.start(DEMO, log, GRADIO_SERVER_PORT=str(port))
     url = f"http://127.0.0.1:{port}/"
     try:
-        wait_until_answering(url, process, log, timeout=900)  # training first: ~2-3 min on 2 cores
-        artifacts = readme_sandbox.root / "runs" / "tiny" / "artifacts"
+        wait_until_answering(url, process, log, timeout=900)  # training first: ~3 min on 2 cores
+        artifacts = readme_sandbox.root / "runs" / "demo" / "artifacts"
         queries = held_out_captions(artifacts, count=5)
         client = Client(url, verbose=False, download_files=False)
         answer = [client.predict(caption, 10, api_name="/text_to_image")[1] for caption, _ in queries]
@@ -145,10 +146,11 @@ def held_out_captions(artifacts: Path, count: int) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(demo_run) -> Path:
-    """The artifact folder of README's demo: one full `tiny` training run, shared by the end-to-end, artifact, hub
-    and app tests."""
-    return demo_run.artifacts
+def tiny_run(readme_sandbox, demo_run) -> Path:
+    """README's `tiny` command, as typed, on the demo's data: one full training run that needs no real weights,
+    shared by the end-to-end, artifact, hub and app tests, and the baseline the demo preset is measured against."""
+    readme_sandbox.run(TRAIN_TINY, timeout=900)
+    return readme_sandbox.root / "runs" / "tiny" / "artifacts"
 
 
 def corrupt_images(source: Path, destination: Path, fraction: float) -> int:

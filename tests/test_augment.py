@@ -16,7 +16,7 @@ from crossmodal.augment import (
     decodes_on_device,
     resized_crop_params,
 )
-from crossmodal.batching import DeviceBatch, EvalImages, TrainBatcher, TrainPairs
+from crossmodal.batching import CaptionBatcher, DeviceBatch, EvalImages, TrainBatcher, TrainPairs
 from crossmodal.config import PRESETS
 from crossmodal.data import DataSource, load_splits
 from crossmodal.images import decode_image, image_bytes
@@ -112,7 +112,7 @@ def test_eval_images_leave_for_the_device_only_jpegs_it_decodes_as_pillow_does()
 def test_train_pairs_on_the_device_batch_like_in_workers(small_dataset):
     rows = load_splits(DataSource(str(small_dataset)))["train"].select(range(8))
     tokenizer = fit_wordpiece(["a red circle", "a blue square"], vocab_size=64, max_length=TINY.max_text_length)
-    augment, collate = TrainAugment(TINY), TrainBatcher(tokenizer, TINY)
+    augment, collate = TrainAugment(TINY), TrainBatcher(CaptionBatcher(tokenizer, TINY))
     in_workers = collate([TrainPairs(rows, augment, seed=5)[i] for i in range(8)])
     on_device = collate([TrainPairs(rows, augment, seed=5, decode_on_device=True)[i] for i in range(8)])
     assert "images" in on_device and "pixel_values" not in on_device

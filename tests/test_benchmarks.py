@@ -53,7 +53,7 @@ def test_floor_and_end_to_end_steps_are_train_step_on_the_same_batch(tmp_path):
     restore(one, start)
     dataset = one.loader.dataset
     first_batch = list(EpochShuffle(len(dataset), dataset.seed))[:8]  # epoch 0's order
-    plain = TrainBatcher(one.loader.collate_fn.captions.tokenizer, one.model_config)([dataset[i] for i in first_batch])
+    plain = TrainBatcher(one.loader.collate_fn.captions)([dataset[i] for i in first_batch])
     losses["plain"] = train_step(one.accelerator, one.model, one.optimizer, one.scheduler, plain, one.max_grad_norm)
     expected = snapshot(one)["model"]
 

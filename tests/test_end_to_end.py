@@ -26,8 +26,10 @@ TEST_IMAGES = 100  # the generated test split: chance Recall@1 is 1/100 = 1%
 def test_tiny_training_retrieves_far_above_chance(tiny_run):
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     chance_r1 = 100 / TEST_IMAGES
-    assert metrics["test"]["t2i_R@1"] >= 60, metrics  # chance: 1%
-    assert metrics["test"]["i2t_R@1"] >= 50, metrics  # chance: about 1% too (one of 5 captions among 500)
+    # Measured 64.8 and 87.0. Two of each image's five captions are partial, and a background-only one ("a plain
+    # blue background") fits a dozen test images: t2i R@1 tops out near 75 on this split.
+    assert metrics["test"]["t2i_R@1"] >= 50, metrics  # chance: 1%
+    assert metrics["test"]["i2t_R@1"] >= 60, metrics  # chance: about 1% too (one of 5 captions among 500)
     assert metrics["test"]["t2i_R@1"] > 50 * chance_r1
     assert set(metrics) == {"val", "test"} and metrics["val"]["rsum"] > 0
 

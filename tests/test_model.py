@@ -6,11 +6,14 @@ import math
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from crossmodal.artifacts import ArtifactError, rebuild_model
 from crossmodal.config import PRESETS, ModelConfig
-from crossmodal.model import build_model
+from crossmodal.encoding import encode_captions
+from crossmodal.locked_text import LockedCaptionBatcher, lock_text_tower
+from crossmodal.model import build_model, tokenize
 from crossmodal.tokenizer import fit_wordpiece
 from crossmodal.train import parameter_groups
 
@@ -96,3 +99,49 @@ def test_the_text_tower_can_have_its_own_learning_rate(tiny):
     assert all(lr_of[id(p)] == pytest.approx(lr * 0.05) for p in model.text_tower.parameters())
     assert {lr_of[id(p)] for p in model.image_tower.parameters()} == {lr}
     assert {lr_of[id(p)] for p in [*model.text_projection.parameters(), model.logit_scale]} == {lr}
+
+
+@pytest.fixture
+def locked():
+    """The tiny towers with the demo's locked text tower and adapter, built from config."""
+    tokenizer = fit_wordpiece(CAPTIONS, vocab_size=100, max_length=16)
+    config = dataclasses.replace(PRESETS["tiny"].model, text_adapter_width=32)
+    model, _ = build_model(config, tokenizer, pretrained=False)
+    lock_text_tower(model)
+    return model, tokenizer
+
+
+def test_a_locked_tower_trains_nothing_of_itself_and_stays_in_eval_mode(locked):
+    model, _ = locked
+    trained = {id(p) for group in parameter_groups(model, PRESETS["demo"].train) for p in group["params"]}
+    assert trained and not trained & {id(p) for p in model.text_tower.parameters()}
+    assert {id(p) for p in model.text_adapter.parameters()} <= trained  # the adapter learns
+    assert not model.train().text_tower.training and model.image_tower.training
+
+
+def test_the_adapter_starts_as_the_identity(locked):
+    model, _ = locked
+    features = torch.randn(4, model.text_tower.config.hidden_size)
+    with torch.inference_mode():
+        plain = torch.nn.functional.normalize(model.text_projection(features), dim=-1)
+        torch.testing.assert_close(model.project_text(features), plain)
+
+
+def test_precomputed_caption_features_give_what_the_tower_gives(locked):
+    """Training on cached features, validation on known captions and search on tokens: one embedding."""
+    model, tokenizer = locked
+    with torch.inference_mode():
+        model.text_adapter[-1].weight.normal_()  # a trained adapter, not the identity
+    accelerator = Accelerator(cpu=True)
+    known = LockedCaptionBatcher.for_captions(accelerator, model, tokenizer, CAPTIONS + CAPTIONS[:1], batch_size=2)
+    pixels = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        _, cached, _ = model(pixels, **known(CAPTIONS))
+        _, from_tokens, _ = model(pixels, **tokenize(tokenizer, CAPTIONS, model.config))
+    torch.testing.assert_close(cached, from_tokens, atol=1e-5, rtol=0)
+    model.known_text_features = known
+    projected = encode_captions(accelerator, model, tokenizer, CAPTIONS, batch_size=2)
+    model.known_text_features = None
+    encoded = encode_captions(accelerator, model, tokenizer, CAPTIONS, batch_size=2)
+    torch.testing.assert_close(projected, encoded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(encoded, from_tokens, atol=1e-5, rtol=0)

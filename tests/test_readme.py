@@ -18,13 +18,14 @@ from huggingface_hub import SpaceCard
 import push_to_hub
 from crossmodal.artifacts import load_verified
 from tests.conftest import SHA
-from tests.readme import DEMO, INSTALL_PINNED, README, ROOT, readme_commands, script_commands
+from tests.readme import DEMO, INSTALL_PINNED, README, ROOT, TRAIN_TINY, readme_commands, script_commands
 
 INSTALL = "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && source .venv/bin/activate"
 GENERATE = "python -m crossmodal.synthetic --out data/synthetic"
-TRAIN_TINY = "accelerate launch train_accelerate.py --preset tiny --dataset data/synthetic --output-dir runs/tiny"
+TRAIN_DEMO = "accelerate launch train_accelerate.py --preset demo --dataset data/synthetic --output-dir runs/demo"
+EVALUATE_DEMO = "python -m crossmodal.evaluate --artifacts runs/demo/artifacts"
+SERVE = "python app.py --artifacts runs/demo/artifacts"
 EVALUATE = "python -m crossmodal.evaluate --artifacts runs/tiny/artifacts"
-SERVE = "python app.py --artifacts runs/tiny/artifacts"
 PYTEST = "python -m pytest -q"
 TEST_SCRIPT = "bash scripts/test.sh"
 ACCELERATE_CONFIG = "accelerate config"
@@ -52,12 +53,14 @@ BENCHMARKS = [
 
 COMMANDS = {
     DEMO: "run as typed: test_the_demo_trains_and_serves (conftest's demo_run)",
-    INSTALL_PINNED: "run as typed by conftest's `minilm`, which tests/test_pinned_text_tower.py uses",
+    INSTALL_PINNED: "scripts/demo.sh runs it; and as typed by conftest's `minilm` (tests/test_pinned_text_tower.py)",
+    TRAIN_DEMO: "scripts/demo.sh runs it: test_the_typed_quick_start_is_what_the_demo_runs",
+    EVALUATE_DEMO: "scripts/demo.sh runs it: test_the_demo_trains_and_serves",
     TEST_SCRIPT: ".ci/run runs it: test_ci_runs_the_test_script",
     INSTALL: "scripts/setup.sh runs it for the demo and .ci/run: test_setup_installs_as_readme_says",
     GENERATE: "scripts/demo.sh runs it: test_the_typed_quick_start_is_what_the_demo_runs",
-    TRAIN_TINY: "scripts/demo.sh runs it: test_the_typed_quick_start_is_what_the_demo_runs",
-    EVALUATE: "run as typed: test_evaluate_reproduces_metrics_json (and in scripts/demo.sh)",
+    TRAIN_TINY: "run as typed: conftest's `tiny_run`, which the end-to-end, artifact, hub and app tests share",
+    EVALUATE: "run as typed: test_evaluate_reproduces_metrics_json",
     SERVE: "scripts/demo.sh runs it and answers queries: test_the_demo_trains_and_serves",
     PYTEST: "scripts/test.sh runs it: test_ci_runs_the_test_script",
     ACCELERATE_CONFIG: "interactive (accelerate's questionnaire): test_accelerate_config_exists",
@@ -84,8 +87,9 @@ def test_readme_shows_exactly_the_tested_commands():
 def test_the_typed_quick_start_is_what_the_demo_runs():
     typed = readme_commands()
     start = typed.index(INSTALL)
-    assert typed[start : start + 6] == [INSTALL, GENERATE, TRAIN_TINY, EVALUATE, SERVE, PYTEST]  # README's order
-    assert script_commands(ROOT / "scripts" / "demo.sh") == [GENERATE, TRAIN_TINY, EVALUATE, SERVE]
+    quick_start = [INSTALL, INSTALL_PINNED, GENERATE, TRAIN_DEMO, EVALUATE_DEMO, SERVE, PYTEST]
+    assert typed[start : start + len(quick_start)] == quick_start  # README's order
+    assert script_commands(ROOT / "scripts" / "demo.sh") == quick_start[1:-1]
 
 
 def test_setup_installs_as_readme_says():
@@ -111,8 +115,8 @@ def test_the_demo_trains_and_serves(demo_run):
     assert "interrupted: closing the server" in demo_run.log
 
 
-def test_evaluate_reproduces_metrics_json(readme_sandbox, demo_run):
-    stored = json.loads((demo_run.artifacts / "metrics.json").read_text())["test"]
+def test_evaluate_reproduces_metrics_json(readme_sandbox, tiny_run):
+    stored = json.loads((tiny_run / "metrics.json").read_text())["test"]
     for command in (EVALUATE, EVALUATE_FROM_DATA):
         evaluated = json.loads(readme_sandbox.run(command).stdout)
         # metrics.json scores the float32 embeddings training computed; the folder stores them in float16. Rounding
@@ -138,16 +142,16 @@ def test_the_flickr30k_command_offline_names_the_dataset_and_stops(readme_sandbo
     assert not (readme_sandbox.root / "runs" / "flickr30k" / "checkpoints").exists()
 
 
-def test_the_two_process_command_trains_like_one_process(readme_sandbox, demo_run):
+def test_the_two_process_command_trains_like_one_process(readme_sandbox, tiny_run):
     """README's two-process command on the demo's data: a complete, verified artifact folder whose metrics
-    `evaluate` reproduces, within 2 points of the one-process demo run at every Recall@K."""
+    `evaluate` reproduces, within 2 points of the one-process tiny run at every Recall@K."""
     readme_sandbox.run(TRAIN_TWO_PROCESSES, timeout=900)
     artifacts = readme_sandbox.root / "runs" / "ddp" / "artifacts"
     load_verified(artifacts)  # checksums, weights against config, embeddings against tables, golden self-test
     two = json.loads((artifacts / "metrics.json").read_text())["test"]
     evaluated = json.loads(readme_sandbox.run(f"python -m crossmodal.evaluate --artifacts {artifacts}").stdout)
     assert evaluated == pytest.approx(two, abs=1.0)
-    one = json.loads((demo_run.artifacts / "metrics.json").read_text())["test"]
+    one = json.loads((tiny_run / "metrics.json").read_text())["test"]
     for name in one:
         # Same batches and gradients; float32 rounding grows over 300 Adam steps and may flip a near-tie or pick
         # the other of two epochs tied on validation (measured: 0.0 and 0.8 points apart at R@1).

@@ -7,7 +7,7 @@ import os
 import re
 import subprocess
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import datasets
@@ -150,14 +150,49 @@ def test_generate_rows_are_the_examples_that_tests_inspect() -> None:
         assert [r["caption"] for r in rows] == [list(ex.captions) for ex in examples[name]]
 
 
-def test_every_caption_names_every_attribute(test_examples: list[synthetic.Example]) -> None:
+def named_attributes(caption: str, scene: synthetic.Scene, words: synthetic_captions.Vocabulary) -> set[str]:
+    """Which of the scene's five attributes the caption states, in the vocabulary's words (whole words only)."""
+    text = " " + " ".join(re.findall(r"[a-z-]+", caption.lower())) + " "
+    colours = words.colours or {name: (name,) for name in synthetic.COLOURS}
+    options = {
+        "size": words.sizes[scene.size],
+        "shape": words.shapes[scene.shape],
+        "colour": colours[scene.colour],
+        "background": colours[scene.background],
+        "position": synthetic_captions.POSITION_WORDS[scene.position],
+    }
+    return {name for name, phrases in options.items() if any(f" {phrase} " in text for phrase in phrases)}
+
+
+def assert_full_then_partial(ex: synthetic.Example, words: synthetic_captions.Vocabulary) -> list[str]:
+    """Three captions naming all five attributes, then two partial ones: the figure (at least its colour and shape,
+    never the background's colour) or only the background. Returns each partial caption's kind."""
+    everything = {"size", "shape", "colour", "background", "position"}
+    full = synthetic_captions.FULL_CAPTIONS_PER_IMAGE
+    for caption in ex.captions[:full]:
+        assert named_attributes(caption, ex.scene, words) == everything, caption
+    kinds = []
+    for caption in ex.captions[full:]:
+        named = named_attributes(caption, ex.scene, words)
+        assert named == {"background"} or ({"colour", "shape"} <= named and "background" not in named), caption
+        kinds.append("background" if named == {"background"} else "figure")
+    return kinds
+
+
+def test_captions_are_three_full_descriptions_then_two_partial_ones(test_examples: list[synthetic.Example]) -> None:
+    kinds = Counter()
     for ex in test_examples:
-        for caption in ex.captions:
-            text = caption.lower()
-            assert ex.scene.colour in text and ex.scene.background in text, caption
-            assert any(word in text for word in synthetic_captions.SIZE_WORDS[ex.scene.size]), caption
-            assert any(word in text for word in synthetic_captions.SHAPE_WORDS[ex.scene.shape]), caption
-            assert any(phrase in text for phrase in synthetic_captions.POSITION_WORDS[ex.scene.position]), caption
+        assert len(ex.captions) == synthetic_captions.CAPTIONS_PER_IMAGE == len(set(ex.captions)), ex.captions
+        kinds.update(assert_full_then_partial(ex, synthetic_captions.TRAINING_WORDS))
+    # 7 figure and 3 background templates: about 70% / 30% of the 200 partial captions.
+    assert 100 <= kinds["figure"] <= 180 and 20 <= kinds["background"] <= 100, kinds
+
+
+def test_captions_range_from_a_few_words_to_a_long_sentence(test_examples: list[synthetic.Example]) -> None:
+    lengths = [len(caption.split()) for ex in test_examples for caption in ex.captions]
+    assert min(lengths) <= 2 and max(lengths) >= 30, (min(lengths), max(lengths))
+    assert sum(length <= 4 for length in lengths) >= 50  # short, as people type queries
+    assert sum(length >= 20 for length in lengths) >= 15
 
 
 def test_captions_do_not_use_words_of_other_attribute_values(test_examples: list[synthetic.Example]) -> None:
@@ -325,7 +360,7 @@ def test_unseen_test_words_change_only_the_test_captions(unseen):
 def test_no_training_or_validation_caption_and_no_template_uses_an_unseen_word(unseen):
     new_words = attribute_words(synthetic_captions.UNSEEN_WORDS)
     seen = words_of(caption for split in ("train", "val") for ex in unseen[split] for caption in ex.captions)
-    seen |= words_of(synthetic_captions.TEMPLATES) | words_of(
+    seen |= words_of(synthetic_captions.TEMPLATES + synthetic_captions.PARTIAL_TEMPLATES) | words_of(
         phrase for options in synthetic_captions.POSITION_WORDS.values() for phrase in options
     )
     assert new_words & seen == set()
@@ -333,18 +368,11 @@ def test_no_training_or_validation_caption_and_no_template_uses_an_unseen_word(u
     assert len(new_words) >= 40
 
 
-def test_every_unseen_caption_names_each_attribute_in_its_new_words_only(unseen):
-    words = synthetic_captions.UNSEEN_WORDS
+def test_every_unseen_caption_names_its_attributes_in_new_words_only(unseen):
     old_words = attribute_words(synthetic_captions.TRAINING_WORDS)
     for ex in unseen["test"]:
-        scene = ex.scene
+        assert_full_then_partial(ex, synthetic_captions.UNSEEN_WORDS)
         for caption in ex.captions:
-            text = caption.lower()
-            assert any(option in text for option in words.sizes[scene.size]), caption
-            assert any(option in text for option in words.shapes[scene.shape]), caption
-            assert any(option in text for option in words.colours[scene.colour]), caption
-            assert any(option in text for option in words.colours[scene.background]), caption
-            assert any(option in text for option in synthetic_captions.POSITION_WORDS[scene.position]), caption
             assert words_of([caption]) & old_words == set(), caption
 
 

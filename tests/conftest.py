@@ -4,6 +4,7 @@ tiny training run beside it, and an app on that."""
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from gradio_client import Client
 from huggingface_hub import HfApi
 
 from benchmarks.live_server import free_port, start_app, wait_until_answering
+from benchmarks.short_queries import scenes_by_image_id, score_served
 from crossmodal import hub, pinned, synthetic
 from tests.readme import DEMO, INSTALL_PINNED, TRAIN_TINY, Sandbox
 
@@ -106,6 +108,7 @@ class DemoRun:
     queries: list[tuple[str, str]]  # (test caption, its image id)
     exit_code: int  # after Ctrl-C
     log: str
+    short_queries: dict[str, float]  # benchmarks/short_queries.py over the served demo
 
 
 @pytest.fixture(scope="session")
@@ -129,9 +132,16 @@ def demo_run(readme_sandbox, tmp_path_factory) -> DemoRun:
         queries = held_out_captions(artifacts, count=5)
         client = Client(url, verbose=False, download_files=False)
         answer = [client.predict(caption, 10, api_name="/text_to_image")[1] for caption, _ in queries]
+        short = score_served(url, artifacts, demo_scenes())  # while it serves: what people type
     finally:
         exit_code = Sandbox.ctrl_c(process) if process.poll() is None else process.returncode
-    return DemoRun(artifacts, url, answer, queries, exit_code, log.read_text())
+    return DemoRun(artifacts, url, answer, queries, exit_code, log.read_text(), short)
+
+
+@functools.cache
+def demo_scenes() -> dict[str, synthetic.Scene]:
+    """The attributes of every picture of the demo's dataset (generated with the defaults, as scripts/demo.sh does)."""
+    return scenes_by_image_id(1000, 100, 100, seed=0)
 
 
 def held_out_captions(artifacts: Path, count: int) -> list[tuple[str, str]]:

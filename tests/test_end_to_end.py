@@ -80,7 +80,7 @@ def test_reloaded_model_reproduces_the_stored_embeddings(tiny_run):
 
 def test_the_float16_index_keeps_recall_over_every_image(tiny_run, full_dataset):
     """The shipped float16 index against the model's float32 embeddings of the same data, ranked over all 1,200 images
-    and 6,000 captions at once, where Recall@1 is far from saturated (~60%): rounding may swap a few near-ties."""
+    and 6,000 captions at once, where Recall@1 is far from saturated (~34%): rounding may swap a few near-ties."""
     artifacts = load_verified(tiny_run)
     splits = load_splits(DataSource(str(full_dataset)))
     rows = datasets.concatenate_datasets([splits[name] for name in ("train", "val", "test")])
@@ -96,7 +96,7 @@ def test_the_float16_index_keeps_recall_over_every_image(tiny_run, full_dataset)
         torch.testing.assert_close(stored.float(), fresh, atol=5e-4, rtol=0)  # the same vectors, rounded
     exact = recall_at_k(images, texts, owner)
     shipped = recall_at_k(artifacts.image_embeddings, artifacts.text_embeddings, owner)
-    assert 40 < exact["t2i_R@1"] < 90  # unsaturated: a changed ranking would show
+    assert 20 < exact["t2i_R@1"] < 90  # unsaturated: a changed ranking would show
     for name, value in exact.items():  # 0.25 points: 3 of the 1,200 image queries, 15 of the 6,000 caption ones
         assert abs(shipped[name] - value) <= 0.25, (name, shipped[name], value)
 

@@ -32,7 +32,7 @@ ACCELERATE_CONFIG = "accelerate config"
 TRAIN_FLICKR = "accelerate launch train_accelerate.py --preset flickr30k --output-dir runs/flickr30k"
 TRAIN_TWO_PROCESSES = (
     "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train_accelerate.py --preset tiny "
-    "--dataset data/synthetic --output-dir runs/ddp"
+    "--dataset data/synthetic --output-dir runs/ddp --epochs 2"
 )
 EVALUATE_FROM_DATA = (
     "python -m crossmodal.evaluate --artifacts runs/tiny/artifacts --dataset data/synthetic --split test"
@@ -65,7 +65,7 @@ COMMANDS = {
     PYTEST: "scripts/test.sh runs it: test_ci_runs_the_test_script",
     ACCELERATE_CONFIG: "interactive (accelerate's questionnaire): test_accelerate_config_exists",
     TRAIN_FLICKR: "run as typed, offline: test_the_flickr30k_command_offline_names_the_dataset_and_stops",
-    TRAIN_TWO_PROCESSES: "run as typed: test_the_two_process_command_trains_like_one_process",
+    TRAIN_TWO_PROCESSES: "run as typed: test_the_two_process_command_trains_and_writes_a_verified_folder",
     EVALUATE_FROM_DATA: "run as typed: test_evaluate_reproduces_metrics_json",
     PUSH: "run as typed against the mocked HfApi: test_the_push_command_publishes_and_pins_the_readme",
     CREATE_SPACE: "needs the Hub; its flags are checked: test_the_space_is_created_with_flags_hf_knows",
@@ -142,20 +142,18 @@ def test_the_flickr30k_command_offline_names_the_dataset_and_stops(readme_sandbo
     assert not (readme_sandbox.root / "runs" / "flickr30k" / "checkpoints").exists()
 
 
-def test_the_two_process_command_trains_like_one_process(readme_sandbox, tiny_run):
+def test_the_two_process_command_trains_and_writes_a_verified_folder(readme_sandbox, demo_run):
     """README's two-process command on the demo's data: a complete, verified artifact folder whose metrics
-    `evaluate` reproduces, within 2 points of the one-process tiny run at every Recall@K."""
+    `evaluate` reproduces, well above chance after two epochs. That two processes train what one does is
+    tests/test_two_processes.py's (the same global batches, step by step)."""
     readme_sandbox.run(TRAIN_TWO_PROCESSES, timeout=900)
     artifacts = readme_sandbox.root / "runs" / "ddp" / "artifacts"
     load_verified(artifacts)  # checksums, weights against config, embeddings against tables, golden self-test
-    two = json.loads((artifacts / "metrics.json").read_text())["test"]
+    two = json.loads((artifacts / "metrics.json").read_text())
+    assert json.loads((artifacts / "config.json").read_text())["training"]["epochs"] == 2
     evaluated = json.loads(readme_sandbox.run(f"python -m crossmodal.evaluate --artifacts {artifacts}").stdout)
-    assert evaluated == pytest.approx(two, abs=1.0)
-    one = json.loads((tiny_run / "metrics.json").read_text())["test"]
-    for name in one:
-        # Same batches and gradients; float32 rounding grows over 300 Adam steps and may flip a near-tie or pick
-        # the other of two epochs tied on validation (measured: 0.0 and 0.8 points apart at R@1).
-        assert abs(two[name] - one[name]) <= (2.0 if name != "rsum" else 6.0), (name, two[name], one[name])
+    assert evaluated == pytest.approx(two["test"], abs=1.0)
+    assert two["test"]["t2i_R@10"] > 20, two  # chance: 10%
 
 
 # --- publishing -------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """A locked text tower (LiT, Zhai et al. 2022): the pretrained tower is not trained, so what it knows of words the
 training captions never use is kept, and each training caption's features are computed once instead of at every
-step. Only the text projection (and the image side) learn; search still runs the whole tower on the query.
+step. Only what follows the tower (the adapter, the text projection) and the image side learn; search still runs the
+whole tower on the query.
 
-docs/architecture.md, "A pinned text tower in the Hub cache", says when the demo preset locks and why.
+docs/architecture.md, "The demo locks its text tower", says why the demo preset locks.
 """
 
 from __future__ import annotations

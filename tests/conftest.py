@@ -16,8 +16,10 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALL
 # user's cache, and every run starts without the real tower.
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="crossmodal-test-hub-")
 
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -101,6 +103,29 @@ def full_dataset(tmp_path_factory) -> Path:
 
 
 @dataclass
+class Background:
+    """A README command running in the background of the session, with its output in ``log``."""
+
+    process: subprocess.Popen
+    log: Path
+
+    def wait(self, timeout: float) -> None:
+        """Until it exits; fail with the end of its output when it fails or outlives ``timeout``."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"{self.process.args} still ran after {timeout} s:\n{self.log.read_text()[-3000:]}")
+        if code != 0:
+            pytest.fail(f"{self.process.args} exited {code}:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@dataclass
 class DemoRun:
     artifacts: Path  # runs/demo/artifacts in the sandbox
     url: str  # where its app answered
@@ -109,6 +134,7 @@ class DemoRun:
     exit_code: int  # after Ctrl-C
     log: str
     short_queries: dict[str, float]  # benchmarks/short_queries.py over the served demo
+    tiny_training: Background  # README's tiny command, started on the demo's data as soon as it was written
 
 
 @pytest.fixture(scope="session")
@@ -118,15 +144,22 @@ def readme_sandbox(tmp_path_factory) -> Sandbox:
 
 
 @pytest.fixture(scope="session")
-def demo_run(readme_sandbox, tmp_path_factory) -> DemoRun:
+def demo_run(readme_sandbox, tmp_path_factory, request) -> DemoRun:
     """README's first command, `bash scripts/demo.sh`, as typed: it installs the pinned text tower, generates the
     data, trains the `demo` preset under `accelerate launch`, evaluates, and serves; once the app answers, five
-    held-out captions are searched for through gradio_client, then Ctrl-C stops it."""
+    held-out captions are searched for through gradio_client, then Ctrl-C stops it.
+
+    README's tiny command trains beside it from the moment the data is written: `accelerate launch` gives each
+    training one torch thread, so two side by side take ~55% of their time one after the other on 2 cores."""
     port = free_port()
-    log = tmp_path_factory.mktemp("demo") / "demo.log"
+    folder = tmp_path_factory.mktemp("demo")
+    log = folder / "demo.log"
     process = readme_sandbox.start(DEMO, log, GRADIO_SERVER_PORT=str(port))
     url = f"http://127.0.0.1:{port}/"
     try:
+        wait_for_output(log, "wrote synthetic dataset", process, timeout=300)
+        tiny = Background(readme_sandbox.start(TRAIN_TINY, folder / "tiny.log"), folder / "tiny.log")
+        request.addfinalizer(tiny.stop)  # a session cut short leaves no training behind
         wait_until_answering(url, process, log, timeout=900)  # training first: ~3 min on 2 cores
         artifacts = readme_sandbox.root / "runs" / "demo" / "artifacts"
         queries = held_out_captions(artifacts, count=5)
@@ -135,7 +168,16 @@ def demo_run(readme_sandbox, tmp_path_factory) -> DemoRun:
         short = score_served(url, artifacts, demo_scenes())  # while it serves: what people type
     finally:
         exit_code = Sandbox.ctrl_c(process) if process.poll() is None else process.returncode
-    return DemoRun(artifacts, url, answer, queries, exit_code, log.read_text(), short)
+    return DemoRun(artifacts, url, answer, queries, exit_code, log.read_text(), short, tiny)
+
+
+def wait_for_output(log: Path, text: str, process: subprocess.Popen, timeout: float) -> None:
+    """Return once ``text`` is in ``log``; fail with its end if ``process`` exits or time runs out first."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{process.args} never printed {text!r}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 @functools.cache
@@ -159,7 +201,7 @@ def held_out_captions(artifacts: Path, count: int) -> list[tuple[str, str]]:
 def tiny_run(readme_sandbox, demo_run) -> Path:
     """README's `tiny` command, as typed, on the demo's data: one full training run that needs no real weights,
     shared by the end-to-end, artifact, hub and app tests, and the baseline the demo preset is measured against."""
-    readme_sandbox.run(TRAIN_TINY, timeout=900)
+    demo_run.tiny_training.wait(timeout=900)
     return readme_sandbox.root / "runs" / "tiny" / "artifacts"
 
 

@@ -9,7 +9,7 @@ from benchmarks.live_server import ROOT
 
 
 def test_the_load_benchmark_runs_every_scenario_without_errors(tiny_run):
-    command = [sys.executable, "-m", "benchmarks.load_test", "--artifacts", str(tiny_run), "--seconds", "1",
+    command = [sys.executable, "-m", "benchmarks.load_test", "--artifacts", str(tiny_run), "--seconds", "0.5",
                "--users", "1", "4", "--crowd", "100", "--no-targets"]  # fmt: skip
     result = subprocess.run(
         command, cwd=ROOT, capture_output=True, text=True, timeout=300,

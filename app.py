@@ -33,7 +33,6 @@ from huggingface_hub import ModelCard, constants
 
 from crossmodal.artifacts import ArtifactError, LoadedArtifacts
 from crossmodal.compute import ComputeThread
-from crossmodal.config import ModelConfig
 from crossmodal.hub import load_artifacts
 from crossmodal.search import IMAGE_CHUNK, MAX_K, CaptionHit, ImageHit, QueryError, Searcher, clean_text
 
@@ -192,21 +191,30 @@ class Handlers:
         return self._image_results(self.compute.call(self.searcher.more_like, self.searcher.row(image_id), k))
 
 
-def is_demo_model(config: ModelConfig) -> bool:
-    """The offline demo's tiny towers, trained on generated shapes: the UI says so and adapts its examples."""
-    return config.image_tower == "tiny-cnn"
+def is_demo_model(artifacts: LoadedArtifacts) -> bool:
+    """A model trained on the generated pictures (crossmodal/synthetic.py names every one ``synthetic_*``): the UI
+    says so and adapts its examples."""
+    return all(name.startswith("synthetic_") for name in artifacts.images.column("filename").to_pylist())
 
 
 def header(artifacts: LoadedArtifacts, source: str) -> str:
     config, test = artifacts.config, artifacts.metrics["test"]
     lines = ["# crossmodal: text ↔ image search"]
-    if is_demo_model(config) and config.text_init == "pretrained":
+    pretrained = [init == "pretrained" for init in (config.image_init, config.text_init)]
+    if is_demo_model(artifacts) and all(pretrained):
+        lines.append(
+            f"**Demo model**, both towers pretrained: `{config.image_tower}` (ImageNet) and `{config.text_tower}`, "
+            "with small heads trained for a few minutes on a CPU on generated pictures of one shape on a background. "
+            'Ask in plain English, in your own words: a colour and a shape, where it is, the background ("a scarlet '
+            'ball near the top").'
+        )
+    elif is_demo_model(artifacts) and config.text_init == "pretrained":
         lines.append(
             "**Demo model**: a small image tower trained for a few minutes on a CPU, on generated pictures of one "
             f"shape on a background, beside the pretrained `{config.text_tower}` text tower. Ask in plain English, "
             'in your own words: a colour and a shape, where it is, the background ("a scarlet ball near the top").'
         )
-    elif is_demo_model(config):
+    elif is_demo_model(artifacts):
         lines.append(
             "**Demo model**: tiny towers trained for a few minutes on a CPU, on generated pictures of shapes. "
             "Describe a shape, its colour, size, position and background."
@@ -231,7 +239,7 @@ def model_card_text(artifacts: LoadedArtifacts) -> str:
 def example_queries(searcher: Searcher) -> list[str]:
     """For the demo model, plain English (its pretrained text tower) or held-out captions in the generated data's
     language (a tokenizer fit on them); for Flickr30k, everyday scenes."""
-    if not is_demo_model(searcher.config):
+    if not is_demo_model(searcher.artifacts):
         return FLICKR_EXAMPLES
     if searcher.config.text_init == "pretrained":
         return PLAIN_DEMO_EXAMPLES

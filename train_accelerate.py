@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from crossmodal.batching import loader_workers
-from crossmodal.config import DEFAULT_DATASET, IMAGE_TOWERS, INITS, PRESETS
+from crossmodal.config import DEFAULT_DATASET, IMAGE_NORMALISATION, IMAGE_TOWERS, INITS, PRESETS
 from crossmodal.data import BadDataError, Corpus, DataSource, DataUnavailableError, SchemaError
 from crossmodal.encoding import encode_corpus
 from crossmodal.export import write_artifacts
@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         help="train nothing of the text tower; its caption features are computed once (LiT)",
     )
+    recipe.add_argument(
+        "--lock-image-tower",
+        action=argparse.BooleanOptionalAction,
+        help="train nothing of the image tower; each picture's features are computed once (no augmentation)",
+    )
     model = parser.add_argument_group("model overrides (default: the preset's)")
     model.add_argument("--image-tower", choices=IMAGE_TOWERS)
     model.add_argument("--text-tower", help="a transformers encoder: Hub id or local folder")
@@ -82,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     model_config = dataclasses.replace(
         preset.model, **inits, **overrides(args, ["image_tower", "text_tower", "embed_dim", "text_adapter_width"])
     )
+    if args.image_tower:  # its preprocessing normalises as the tower was pretrained
+        mean, std = IMAGE_NORMALISATION[args.image_tower]
+        model_config = dataclasses.replace(model_config, image_mean=mean, image_std=std)
     recipe = ["epochs", "batch_size", "lr", "seed", "grad_accum_steps", "num_workers", "checkpoint_every"]
-    recipe += ["text_tower_lr_ratio", "lock_text_tower"]
+    recipe += ["text_tower_lr_ratio", "lock_text_tower", "lock_image_tower"]
     train_config = dataclasses.replace(preset.train, **overrides(args, recipe))
     source = DataSource(args.dataset, args.dataset_revision, args.image_column, args.caption_column, args.val_split)
     accelerator = make_accelerator(train_config, args.output_dir, args.mixed_precision, args.report_to)

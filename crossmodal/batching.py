@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -40,13 +41,20 @@ class TrainPairs(Dataset):
     """
 
     def __init__(
-        self, rows: datasets.Dataset, augment: TrainAugment, seed: int, decode_on_device: bool = False
+        self,
+        rows: datasets.Dataset,
+        augment: TrainAugment,
+        seed: int,
+        decode_on_device: bool = False,
+        image_features: torch.Tensor | None = None,
     ) -> None:
         self.images = rows.select_columns(["image"])  # the other columns are never read: no need to copy them
         self.captions = caption_lists(rows)  # cleaned once here, not at every step
         self.augment = augment
         self.seed = seed
         self.decode_on_device = decode_on_device
+        # A locked image tower's features of each row (crossmodal/locked_image.py): items carry them, not pixels.
+        self.image_features = image_features
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -59,10 +67,19 @@ class TrainPairs(Dataset):
         rng = epoch_generator(self.seed, self.epoch, index)
         captions = self.captions[index]
         caption = captions[rng.integers(len(captions))]
+        if self.image_features is not None:
+            return LockedFeatures(self.image_features[index]), caption
         data, crop_seed = image_bytes(self.images[index]["image"]), int(rng.integers(2**62))
         if self.decode_on_device and decodes_on_device(data):
             return EncodedImage(data, crop_seed), caption
         return self.augment.decode(data, crop_seed), caption
+
+
+@dataclass(frozen=True)
+class LockedFeatures:
+    """A training item's precomputed image features, in place of its pixels (crossmodal/locked_image.py)."""
+
+    values: torch.Tensor  # [F_img]
 
 
 class EpochShuffle(Sampler[int]):
@@ -135,6 +152,8 @@ class TrainBatcher:
 
     def __call__(self, items: list[tuple[torch.Tensor | EncodedImage, str]]) -> dict[str, Any]:
         images, captions = zip(*items, strict=True)
+        if isinstance(images[0], LockedFeatures):
+            return {"image_features": torch.stack([image.values for image in images]), **self.captions(list(captions))}
         collated = collate_images(list(images))
         key = "images" if isinstance(collated, list) else "pixel_values"  # a list: still to be decoded on the device
         return {key: collated, **self.captions(list(captions))}
@@ -157,7 +176,7 @@ class DeviceBatch:
         batch = dict(batch)
         if "images" in batch:
             batch["pixel_values"] = decode_batch(batch.pop("images"), self.augment, self.device)
-        if self.channels_last:
+        if self.channels_last and "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
         return batch
 

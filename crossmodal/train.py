@@ -31,10 +31,12 @@ from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, ModelConfig, TrainConfig
 from crossmodal.data import DataSource, caption_table, check_rows, load_splits
 from crossmodal.devices import safetensors_device
 from crossmodal.encoding import SplitEmbeddings, encode_split, evaluate_split
+from crossmodal.locked_image import lock_image_tower, train_image_features
 from crossmodal.locked_text import lock_text_tower, train_captions
 from crossmodal.loss import clip_loss
 from crossmodal.model import DualEncoder, build_model
 from crossmodal.pinned import pin_text_tower
+from crossmodal.pinned_image import pin_image_tower
 from crossmodal.tokenizer import fit_wordpiece, load_tokenizer
 
 
@@ -247,7 +249,8 @@ def setup_run(
     set_seed(train_config.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
     stop = StopFlag()  # installed early: a SIGTERM during set-up still ends at the first clean boundary
-    model_config = pin_text_tower(model_config)  # a pinned tower's cached files verified before any is read
+    # A pinned tower's files are verified before any is read.
+    model_config = pin_image_tower(pin_text_tower(model_config))
     splits = load_checked(accelerator, source, train_config.max_bad_row_fraction)
     tokenizer = make_tokenizer(model_config, splits["train"], output_dir, accelerator)
     model, model_config = build_model(
@@ -256,11 +259,21 @@ def setup_run(
     on_cuda = accelerator.device.type == "cuda"
     if train_config.lock_text_tower:
         lock_text_tower(model)  # before the optimizer is built, so it never holds the tower's weights
+    if train_config.lock_image_tower:
+        lock_image_tower(model)
     optimizer = make_optimizer(model, train_config, fused=on_cuda)
     augment = TrainAugment(model_config)
-    dataset = TrainPairs(splits["train"], augment, train_config.seed, decode_on_device=train_config.decode_on_device)
+    model.to(accelerator.device)
+    image_features = (
+        train_image_features(model, splits, train_config.eval_batch_size, accelerator)
+        if train_config.lock_image_tower
+        else None
+    )
+    dataset = TrainPairs(
+        splits["train"], augment, train_config.seed, train_config.decode_on_device, image_features=image_features
+    )
     workers = loader_workers(train_config.num_workers, accelerator.num_processes)
-    captions = train_captions(model.to(accelerator.device), tokenizer, splits, train_config, accelerator)
+    captions = train_captions(model, tokenizer, splits, train_config, accelerator)
     loader = make_train_loader(dataset, captions, train_config, workers)
     batches_per_epoch = len(loader)
     if batches_per_epoch == 0:

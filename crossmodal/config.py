@@ -82,6 +82,9 @@ class ModelConfig:
     image_grid: int = 0
     # Hidden width of an MLP from the pooled image features to the joint space (0: a linear projection).
     image_head_width: int = 0
+    # Width of a linear map + GELU shared by the global feature and each grid cell before the head (0: none): a head
+    # that keeps each cell's place with far fewer weights than one layer over all cells at once.
+    image_cell_width: int = 0
     logit_scale_max: float = 100.0  # CLIP clamps the scale at 100 to keep training stable
     # The transformers config of the text tower, filled in once the tower is built, so rebuilding needs no download.
     text_config: dict[str, Any] | None = None

@@ -76,6 +76,39 @@ class GridPool(nn.Module):
         return torch.cat([pooled, cells], dim=1)
 
 
+class CellwiseLinear(nn.Module):
+    """One linear map shared by the global feature and every grid cell of :class:`GridPool`'s output, concatenated
+    again: [B, C * (1 + g * g)] -> [B, W * (1 + g * g)]. Every cell keeps its place in the output, for C x W weights
+    instead of (C x W) per cell."""
+
+    def __init__(self, channels: int, cells: int, width: int) -> None:
+        super().__init__()
+        self.channels, self.cells = channels, cells
+        self.linear = nn.Linear(channels, width)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        whole, grid = pooled[:, : self.channels], pooled[:, self.channels :]
+        grid = grid.reshape(len(pooled), self.channels, self.cells - 1).transpose(1, 2)  # [B, g * g, C]
+        return F.gelu(self.linear(torch.cat([whole.unsqueeze(1), grid], dim=1))).flatten(1)
+
+
+def image_head(config: ModelConfig, image_width: int) -> nn.Module:
+    """Pooled image features -> the joint space: linear, or an MLP (``image_head_width``), optionally after a
+    per-cell map (``image_cell_width``) that shrinks each grid cell's features before they are mixed."""
+    cells = 1 + config.image_grid**2
+    layers: list[nn.Module] = []
+    width = image_width * cells
+    if config.image_cell_width:
+        layers.append(CellwiseLinear(image_width, cells, config.image_cell_width))
+        width = config.image_cell_width * cells
+    if config.image_head_width:
+        layers += [nn.Linear(width, config.image_head_width), nn.GELU()]
+        width = config.image_head_width
+    if not layers:  # a plain linear projection: the weight name artifacts written before heads existed hold
+        return nn.Linear(width, config.embed_dim, bias=False)
+    return nn.Sequential(*layers, nn.Linear(width, config.embed_dim, bias=False))
+
+
 def build_image_tower(name: str, *, pretrained: bool) -> tuple[nn.Module, int]:
     """The image tower (returning its last feature map) and its channel count.
 
@@ -134,15 +167,7 @@ class DualEncoder(nn.Module):
         self.image_tower = image_tower
         self.text_tower = text_tower
         self.image_pool = GridPool(config.image_grid)
-        pooled_width = image_width * (1 + config.image_grid**2)
-        # A linear projection, or an MLP (config.image_head_width) from the pooled features to the joint space.
-        if config.image_head_width:
-            self.image_projection = nn.Sequential(
-                nn.Linear(pooled_width, config.image_head_width), nn.GELU(),
-                nn.Linear(config.image_head_width, config.embed_dim, bias=False),
-            )  # fmt: skip
-        else:
-            self.image_projection = nn.Linear(pooled_width, config.embed_dim, bias=False)
+        self.image_projection = image_head(config, image_width)
         width = text_tower.config.hidden_size
         # A residual MLP on the pooled text features, trained beside a locked tower (config.text_adapter_width);
         # its last layer starts at zero, so training starts from the tower's own features.

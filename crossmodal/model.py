@@ -112,8 +112,9 @@ def image_head(config: ModelConfig, image_width: int) -> nn.Module:
 def build_image_tower(name: str, *, pretrained: bool) -> tuple[nn.Module, int]:
     """The image tower (returning its last feature map) and its channel count.
 
-    Every ImageNet tower comes through timm (docs/architecture.md, "Image towers"). ``pretrained``: a pinned tower's
-    verified safetensors (crossmodal/pinned_image.py), or timm's own pretrained weights for any other.
+    Every ImageNet tower comes through timm (docs/architecture.md, "Image towers come through timm").
+    ``pretrained``: a pinned tower's verified safetensors (crossmodal/pinned_image.py), or timm's own pretrained
+    weights for any other.
     """
     if name == "tiny-cnn":
         tower = TinyCNN()

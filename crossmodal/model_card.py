@@ -29,7 +29,7 @@ A CLIP-style dual encoder for text-to-image and image-to-text search, trained wi
 - Image tower: `{image_tower}` ({image_size}px input), text tower: `{text_tower}` (mean pooling, up to {max_len} word
   pieces), both projected to a shared {embed_dim}-d space and L2-normalised.
 - Initialisation: {init}. Training: symmetric InfoNCE over the global batch of {batch_size}, {epochs} epochs, AdamW at
-  lr {lr} (towers x{tower_ratio}), warmup then cosine; checkpoint picked on validation RSUM.
+  lr {lr} (towers: {tower_ratio}), warmup then cosine; checkpoint picked on validation RSUM.
 
 ## Results (test split, {test_images} images, Recall in %)
 
@@ -77,14 +77,17 @@ def tower_line(name: str, init: str, revision: str | None = None, source: str | 
 
 
 def tower_ratio_text(train: TrainConfig) -> str:
-    """The towers' learning-rate ratios as the card states them; a locked text tower is not trained at all."""
+    """The towers' learning-rate ratios as the card states them; a locked tower is not trained at all."""
+    text_ratio = train.tower_lr_ratio if train.text_tower_lr_ratio is None else train.text_tower_lr_ratio
     if train.lock_text_tower and train.lock_image_tower:
-        return "both towers locked, not trained: only the heads learn"
+        return "both locked, not trained: only the heads learn"
+    if train.lock_image_tower:
+        return f"image tower locked, not trained; x{text_ratio} text"
     if train.lock_text_tower:
-        return f"{train.tower_lr_ratio} image; text tower locked, not trained (LiT)"
+        return f"x{train.tower_lr_ratio} image; text tower locked, not trained (LiT)"
     if train.text_tower_lr_ratio is None:
-        return str(train.tower_lr_ratio)
-    return f"{train.tower_lr_ratio} image, x{train.text_tower_lr_ratio} text"
+        return f"x{train.tower_lr_ratio}"
+    return f"x{train.tower_lr_ratio} image, x{train.text_tower_lr_ratio} text"
 
 
 def init_line(model: ModelConfig) -> str:

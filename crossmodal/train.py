@@ -35,6 +35,7 @@ from crossmodal.locked_image import lock_image_tower, train_image_features
 from crossmodal.locked_text import lock_text_tower, train_captions
 from crossmodal.loss import clip_loss
 from crossmodal.model import DualEncoder, build_model
+from crossmodal.optimizer import make_optimizer
 from crossmodal.pinned import pin_text_tower
 from crossmodal.pinned_image import pin_image_tower
 from crossmodal.tokenizer import fit_wordpiece, load_tokenizer
@@ -94,27 +95,6 @@ def make_tokenizer(config: ModelConfig, train_rows: datasets.Dataset, output_dir
         fit_wordpiece(captions, vocab_size=vocab_size, max_length=config.max_text_length).save_pretrained(saved)
     accelerator.wait_for_everyone()
     return load_tokenizer(str(saved))
-
-
-def parameter_groups(model: DualEncoder, train: TrainConfig) -> list[dict[str, Any]]:
-    """Towers at lr * tower_lr_ratio (the text tower at lr * text_tower_lr_ratio if set), the rest at lr; no weight
-    decay on biases, norms and the scale. Without a text ratio: the four groups, in the order old checkpoints hold."""
-    groups: dict[tuple[bool, bool, bool], list[torch.nn.Parameter]] = {}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            own_ratio = train.text_tower_lr_ratio is not None and name.startswith("text_tower.")
-            key = (name.startswith(("image_tower.", "text_tower.")), parameter.ndim >= 2, own_ratio)
-            groups.setdefault(key, []).append(parameter)
-    ratio = {(True, False): train.tower_lr_ratio, (False, False): 1.0, (True, True): train.text_tower_lr_ratio}
-    return [
-        {"params": params, "lr": train.lr * ratio[in_tower, own], "weight_decay": train.weight_decay if decays else 0.0}
-        for (in_tower, decays, own), params in sorted(groups.items())
-    ]
-
-
-def make_optimizer(model: DualEncoder, train: TrainConfig, *, fused: bool) -> torch.optim.AdamW:
-    """AdamW over :func:`parameter_groups`; ``fused`` (one kernel for all parameters) is what pays on CUDA."""
-    return torch.optim.AdamW(parameter_groups(model, train), lr=train.lr, fused=True if fused else None)
 
 
 def train_step(

@@ -14,8 +14,8 @@ from crossmodal.config import PRESETS, ModelConfig
 from crossmodal.encoding import encode_captions
 from crossmodal.locked_text import LockedCaptionBatcher, lock_text_tower
 from crossmodal.model import build_model, tokenize
+from crossmodal.optimizer import parameter_groups
 from crossmodal.tokenizer import fit_wordpiece
-from crossmodal.train import parameter_groups
 
 CAPTIONS = ["a red circle on the left", "a blue star at the top", "two dogs run in the snow"]
 

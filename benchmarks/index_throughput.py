@@ -3,6 +3,10 @@
     python -m benchmarks.index_throughput                         # GPU: flickr30k, batch 256, bf16
     python -m benchmarks.index_throughput --preset flickr30k --batch-size 32 --mixed-precision no --images 256  # CPU
     python -m benchmarks.index_throughput --preset tiny --mixed-precision no
+    python -m benchmarks.index_throughput --folder 10000 --preset demo --mixed-precision no   # your own pictures
+
+With --folder N it measures indexing a folder of N pictures with `python -m crossmodal.index` instead
+(benchmarks/index_folder.py says how). Without it:
 
 real:  crossmodal.encoding.encode_images / encode_captions through an Accelerator, as train_accelerate.py calls them
        (its loader workers, its batch size): 500x375 JPEG bytes -> decode -> eval transform -> image tower; captions
@@ -27,6 +31,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from benchmarks import index_folder
 from benchmarks.common import (
     FLICKR30K_CAPTIONS,
     FLICKR30K_IMAGES,
@@ -147,12 +152,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's eval batch (256 / 128)")
     parser.add_argument("--images", type=int, default=2560, help="images per round (5 captions each)")
     parser.add_argument("--target-corpus-seconds", type=float, default=60.0, help="on CUDA with flickr30k only")
-    return parser.parse_args(argv)
+    parser.add_argument("--folder", type=int, default=None, help="index a folder of this many pictures instead")
+    args = parser.parse_args(argv)
+    if args.folder is not None and args.target_ratio == parser.get_default("target_ratio"):
+        args.target_ratio = index_folder.TARGET_RATIO
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     # 1. The bench and the floor's prepared batches.
     args = parse_args(argv)
+    if args.folder is not None:
+        return index_folder.main(args, argv)
     bench = build_index_bench(
         args.preset, args.images, args.batch_size, args.num_workers, args.mixed_precision,
         decode_on_device=args.decode_on_device,

@@ -38,6 +38,14 @@ CONTRACT_FILES = (
     "manifest.json",
     "README.md",
 )
+IMAGE_COLUMNS = ["image_id", "filename", "split", "thumbnail"]
+# An index of your own pictures (crossmodal/index.py): the path relative to the indexed folder is image_id and
+# filename; what the next run needs to tell a changed file; the first row of each picture's near-duplicate group.
+FOLDER_IMAGE_COLUMNS = [*IMAGE_COLUMNS, "size", "mtime_ns", "sha256", "duplicate_of"]
+INDEX_SPLIT = "index"  # the split of every picture of an index: none of them was seen in training
+NO_IMAGE = -1  # image_index of a caption with no picture in the index (an index's captions are the model's)
+INDEX_REPORT = "skipped.json"  # the files an index of your own pictures left out, and why: local, never published
+UNLISTED_FILES = ("manifest.json", INDEX_REPORT)  # files the manifest does not list
 ALLOW_PATTERNS = [*CONTRACT_FILES, "tokenizer/*", "plots/*"]  # what a Hub pull fetches: the contract, nothing else
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".pth.tar")
 HEATMAP_PAIRS = 32
@@ -91,10 +99,16 @@ class LoadedArtifacts:
     tokenizer: Any
     image_embeddings: torch.Tensor  # [N_images, D], INDEX_DTYPE
     text_embeddings: torch.Tensor  # [N_captions, D], INDEX_DTYPE
-    images: pa.Table  # image_id, filename, split
+    images: pa.Table  # image_id, filename, split (and an index's columns: FOLDER_IMAGE_COLUMNS)
     thumbnails: Thumbnails  # the thumbnail column, by row
     captions: pa.Table  # caption, image_index
     metrics: dict[str, dict[str, float]]
+
+    @property
+    def index(self) -> dict[str, Any] | None:
+        """What an index of your own pictures holds (folder name, counts, duplicate threshold); None for a model
+        trained on its pictures."""
+        return self.manifest.get("index")
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
@@ -271,13 +285,26 @@ def _self_test(loaded: LoadedArtifacts) -> None:
         )
 
 
-def _check_caption_images(captions: pa.Table, num_images: int, path: Path) -> None:
+def _check_caption_images(captions: pa.Table, num_images: int, path: Path, *, is_index: bool) -> None:
     image_index = torch.from_numpy(captions.column("image_index").to_numpy().astype("int64"))
+    if is_index:  # the model's captions, beside pictures none of them describes
+        if image_index.numel() and (image_index != NO_IMAGE).any():
+            row = int((image_index != NO_IMAGE).nonzero()[0])
+            raise ArtifactError(f"{path}: caption {row} points at image {int(image_index[row])}; an index's are all -1")
+        return
     if image_index.numel() and (image_index.min() < 0 or image_index.max() >= num_images):
         row = int(((image_index < 0) | (image_index >= num_images)).nonzero()[0])
         raise ArtifactError(
             f"{path}: caption {row} points at image {int(image_index[row])}, but images.parquet has {num_images} rows"
         )
+
+
+def _check_duplicate_groups(images: pa.Table, path: Path) -> None:
+    """Each picture's ``duplicate_of`` is the first row of its group: a row at or before it, and a group's own."""
+    groups = images.column("duplicate_of").to_pylist()
+    for row, first in enumerate(groups):
+        if first is None or not 0 <= first <= row or groups[first] != first:
+            raise ArtifactError(f"{path}: row {row} has duplicate_of {first}, not the first row of a group")
 
 
 def _read_metrics(path: Path) -> dict[str, dict[str, float]]:
@@ -291,7 +318,9 @@ def _read_metrics(path: Path) -> dict[str, dict[str, float]]:
 
 def _load_parts(folder: Path, manifest: dict[str, Any]) -> LoadedArtifacts:
     """Parse every part, each checked against config.json, the manifest and the other parts, in this order."""
-    images = _read_table(folder / "images.parquet", ["image_id", "filename", "split", "thumbnail"], skip=("thumbnail",))
+    is_index = "index" in manifest
+    columns = FOLDER_IMAGE_COLUMNS if is_index else IMAGE_COLUMNS
+    images = _read_table(folder / "images.parquet", columns, skip=("thumbnail",))
     thumbnails = Thumbnails(folder / "images.parquet")  # read on another thread while the model loads
     model, tokenizer = rebuild_model(folder)  # weights strictly against config.json
     captions = _read_table(folder / "captions.parquet", ["caption", "image_index"])
@@ -299,7 +328,9 @@ def _load_parts(folder: Path, manifest: dict[str, Any]) -> LoadedArtifacts:
     # Keys, shape (manifest and table rows), dtype, finite, unit norm.
     image_embeddings = _load_embeddings(folder, "image_embeddings.safetensors", manifest, images.num_rows, dim)
     text_embeddings = _load_embeddings(folder, "text_embeddings.safetensors", manifest, captions.num_rows, dim)
-    _check_caption_images(captions, images.num_rows, folder / "captions.parquet")  # each caption's image exists
+    _check_caption_images(captions, images.num_rows, folder / "captions.parquet", is_index=is_index)  # image exists
+    if is_index:
+        _check_duplicate_groups(images, folder / "images.parquet")
     _check_thumbnails(thumbnails, folder / "images.parquet", images.num_rows)  # readable, one per image
     metrics = _read_metrics(folder / "metrics.json")
     return LoadedArtifacts(

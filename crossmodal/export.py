@@ -31,6 +31,7 @@ from crossmodal.artifacts import (
     HEATMAP_PAIRS,
     INDEX_DTYPE,
     THUMBNAIL_ROW_GROUP,
+    UNLISTED_FILES,
     ArtifactError,
     encode_thumbnails,
     golden_rows,
@@ -103,10 +104,11 @@ def _write_plots(folder: Path, history, loss_log, corpus: Corpus, image_emb: tor
     plot_similarity(similarity, pictures, [corpus.captions[i] for i in caption_rows], plots / "test_similarity.png")
 
 
-def _golden_record(model: DualEncoder, thumbnails: list[bytes], image_embeddings: torch.Tensor) -> dict[str, Any]:
+def golden_record(model: DualEncoder, thumbnails, image_embeddings: torch.Tensor) -> dict[str, Any]:
     """What the self-test re-derives at load: thumbnail embeddings, and how close each is to its indexed embedding.
 
-    Thumbnails are smaller than the originals, so the second number is below 1 and recorded rather than assumed.
+    ``thumbnails[row]`` is row's JPEG bytes (a list, or anything indexable with a length). Thumbnails are smaller
+    than the originals, so the second number is below 1 and recorded rather than assumed.
     """
     rows = golden_rows(len(thumbnails))
     embeddings = encode_thumbnails(model, [thumbnails[row] for row in rows])
@@ -117,24 +119,40 @@ def _golden_record(model: DualEncoder, thumbnails: list[bytes], image_embeddings
     }
 
 
-def _manifest(
-    folder: Path, corpus: Corpus, dataset: dict[str, str | None], model: DualEncoder, golden: dict[str, Any]
-) -> dict[str, Any]:
-    files = {
+def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's file list: every file of the folder but the manifest itself (and the local report of an
+    index, which is not published), with its sha256 and size."""
+    return {
         path.relative_to(folder).as_posix(): {"sha256": sha256_of(path), "size": path.stat().st_size}
         for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != "manifest.json"
+        if path.is_file() and path.name not in UNLISTED_FILES
     }
+
+
+def describe_tensors(folder: Path) -> dict[str, dict[str, list[int]]]:
     tensors = {}
     for name in ("image_embeddings.safetensors", "text_embeddings.safetensors"):
         with safe_open(folder / name, framework="pt") as handle:
             tensors[name] = {"embeddings": list(handle.get_slice("embeddings").get_shape())}
+    return tensors
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        **{name: version(name) for name in ("torch", "torchvision", "transformers", "safetensors", "datasets")},
+    }
+
+
+def _manifest(
+    folder: Path, corpus: Corpus, dataset: dict[str, str | None], model: DualEncoder, golden: dict[str, Any]
+) -> dict[str, Any]:
     splits = corpus.rows["split"]
     return {
         "format_version": FORMAT_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "files": files,
-        "tensors": tensors,
+        "files": describe_files(folder),
+        "tensors": describe_tensors(folder),
         "counts": {
             "images": len(corpus.rows),
             "captions": len(corpus.captions),
@@ -143,10 +161,7 @@ def _manifest(
         },
         "dataset": dataset,
         "golden": golden,
-        "versions": {
-            "python": platform.python_version(),
-            **{name: version(name) for name in ("torch", "torchvision", "transformers", "safetensors", "datasets")},
-        },
+        "versions": library_versions(),
     }
 
 
@@ -184,7 +199,7 @@ def write_artifacts(
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _write_plots(staging, history, loss_log, corpus, image_embeddings, text_embeddings)
     (staging / "README.md").write_text(render_model_card(model.config, train_config, metrics, dataset))
-    golden = _golden_record(model, thumbnails, stored_images)  # what the loader will compare against
+    golden = golden_record(model, thumbnails, stored_images)  # what the loader will compare against
     manifest = _manifest(staging, corpus, dataset, model, golden)
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(folder, ignore_errors=True)

@@ -32,7 +32,7 @@ REPO_TYPE = "model"
 FULL_SHA = re.compile(r"[0-9a-f]{40}")  # a commit id: the only revision that cannot move under a running app
 
 
-def _looks_like_path(source: str | Path) -> bool:
+def looks_like_path(source: str | Path) -> bool:
     """A Path, or a string no repo id can be (``/x``, ``./x``, ``~/x``, ``a/b/c``): meant as a folder, not the Hub."""
     if isinstance(source, Path):
         return True
@@ -53,7 +53,7 @@ def resolve_artifacts(source: str | Path, revision: str | None = None) -> Path:
         if revision is not None:
             raise ValueError(f"{source} is a local folder; a revision ({revision!r}) applies only to a Hub repo id")
         return Path(source).expanduser()
-    if _looks_like_path(source):
+    if looks_like_path(source):
         raise ArtifactError(f"{source}: no artifact folder there")
     repo_id = str(source)
     try:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 from PIL import Image
 
-from crossmodal.artifacts import LoadedArtifacts
+from crossmodal.artifacts import INDEX_SPLIT, NO_IMAGE, LoadedArtifacts
 from crossmodal.images import ImageDecodeError
 from crossmodal.model import tokenize
 from crossmodal.preprocess import decode_for_eval, image_batch
@@ -54,9 +54,10 @@ class ImageHit:
     filename: str
     split: str
     captions: list[str]
+    duplicates: list[str] = field(default_factory=list)  # an index's near-duplicates of this picture, by path
 
     def as_json(self) -> dict:
-        return {
+        answer = {
             "rank": self.rank,
             "score": round(self.score, 4),
             "image_id": self.image_id,
@@ -64,6 +65,18 @@ class ImageHit:
             "split": self.split,
             "captions": self.captions,
         }
+        if self.split == INDEX_SPLIT:  # a picture of your own: its path in the indexed folder, its near-duplicates
+            answer["file_path"] = self.filename  # not "path": gradio_client takes {"path": ...} for a file to fetch
+            answer["duplicates"] = self.duplicates
+        return answer
+
+    @property
+    def label(self) -> str:
+        """What the gallery shows under the picture: one of its captions, or its path and how many copies it has."""
+        described = self.captions[0] if self.captions else self.filename
+        count = len(self.duplicates)
+        copies = f" (+{count} near-duplicate{'s' * (count > 1)})" if count else ""
+        return f"#{self.rank} · {self.score:.3f} · {described}{copies}"
 
 
 @dataclass(frozen=True)
@@ -72,8 +85,8 @@ class CaptionHit:
     score: float
     caption_index: int  # row in captions.parquet and text_embeddings
     caption: str
-    image_index: int
-    image_id: str
+    image_index: int  # NO_IMAGE in an index of your own pictures: the captions are the model's
+    image_id: str | None
 
     def as_json(self) -> dict:
         return {
@@ -113,7 +126,7 @@ def check_k(k: object) -> int:
 
 
 def top_k(
-    matrix: torch.Tensor, query: torch.Tensor, k: int, exclude: int | None = None
+    matrix: torch.Tensor, query: torch.Tensor, k: int, exclude: int | Sequence[int] | None = None
 ) -> tuple[list[float], list[int]]:
     """Scores and rows of the k rows of ``matrix`` (unit rows, float16 as stored) nearest to ``query``, best first,
     exactly as a float32 product over the stored rows ranks and scores them.
@@ -122,9 +135,9 @@ def top_k(
     safe); only those few are scored again in float32.
     """
     coarse = matrix @ query.to(matrix.dtype)  # [N]: cosine similarity, both sides unit-norm
-    if exclude is not None:
-        coarse[exclude] = float("-inf")  # "more like this" should not return the image itself
-    k = min(k, coarse.numel() - (exclude is not None))
+    excluded = [] if exclude is None else [exclude] if isinstance(exclude, int) else list(exclude)
+    coarse[excluded] = float("-inf")  # "more like this" should not return the image itself (nor its copies)
+    k = min(k, coarse.numel() - len(set(excluded)))
     kth_best = torch.topk(coarse, k).values[-1]
     candidates = torch.nonzero(coarse >= kth_best - COARSE_SLACK).squeeze(1)
     exact = matrix[candidates].float() @ query.float()
@@ -172,7 +185,16 @@ class Searcher:
         self.row_of_id = {image_id: row for row, image_id in enumerate(self.image_ids)}
         self.captions_of: list[list[str]] = [[] for _ in self.image_ids]
         for caption, image in zip(self.captions, self.caption_image, strict=True):
-            self.captions_of[image].append(caption)
+            if image != NO_IMAGE:
+                self.captions_of[image].append(caption)
+        # An index of your own pictures shows each group of near-duplicates once (crossmodal/folder_write.py).
+        self.group_of: list[int] | None = None
+        self.members: dict[int, list[int]] = {}
+        if "duplicate_of" in images.column_names:
+            self.group_of = images.column("duplicate_of").to_pylist()
+            for row, group in enumerate(self.group_of):
+                self.members.setdefault(group, []).append(row)
+        self.hidden_duplicates = len(self.image_ids) - len(self.members) if self.group_of is not None else 0
 
     # --- encoding queries -----------------------------------------------------------------------------------------
 
@@ -207,10 +229,39 @@ class Searcher:
     def _image_hits(self, scores: list[float], rows: list[int]) -> list[ImageHit]:
         return [
             ImageHit(
-                rank, score, row, self.image_ids[row], self.filenames[row], self.splits[row], self.captions_of[row]
+                rank,
+                score,
+                row,
+                self.image_ids[row],
+                self.filenames[row],
+                self.splits[row],
+                self.captions_of[row],
+                self._duplicates(row),
             )
             for rank, (score, row) in enumerate(zip(scores, rows, strict=True), start=1)
         ]
+
+    def _duplicates(self, row: int) -> list[str]:
+        if self.group_of is None:
+            return []
+        return [self.filenames[other] for other in self.members[self.group_of[row]] if other != row]
+
+    def rank_images(self, query: torch.Tensor, k: int, exclude: int | None = None) -> list[ImageHit]:
+        """The k best pictures for ``query``; in an index with near-duplicate groups, the k best groups, each shown
+        by its best-scoring picture (``exclude``'s whole group is left out)."""
+        if self.group_of is None:
+            return self._image_hits(*top_k(self.image_embeddings, query, k, exclude=exclude))
+        excluded = self.members[self.group_of[exclude]] if exclude is not None else []
+        # At most ``hidden_duplicates`` of the best rows repeat a group already seen: this many hold the k best groups.
+        wanted = min(k + self.hidden_duplicates, len(self.image_ids) - len(excluded))
+        if wanted <= 0:
+            return []
+        scores, rows = top_k(self.image_embeddings, query, wanted, exclude=excluded)
+        best: dict[int, tuple[float, int]] = {}  # group -> its best picture; dicts keep the order groups came in
+        for score, row in zip(scores, rows, strict=True):
+            best.setdefault(self.group_of[row], (score, row))
+        kept = list(best.values())[:k]
+        return self._image_hits([score for score, _ in kept], [row for _, row in kept])
 
     # One query: a batch of one, so a lone search and the app's batches run the same code.
 
@@ -230,17 +281,14 @@ class Searcher:
         """Images nearest to a stored image, from its stored embedding (no re-encoding), itself excluded."""
         if not 0 <= image_index < len(self.image_ids):
             raise QueryError("pick one of the results first")
-        query = self.image_embeddings[image_index]
-        return self._image_hits(*top_k(self.image_embeddings, query, check_k(k), exclude=image_index))
+        return self.rank_images(self.image_embeddings[image_index], check_k(k), exclude=image_index)
 
     def image_to_text(self, data: bytes, k: int) -> list[CaptionHit]:
         return only(self.search_images([data], [k], "text"))
 
     def _caption_hits(self, scores: list[float], rows: list[int]) -> list[CaptionHit]:
         return [
-            CaptionHit(
-                rank, score, row, self.captions[row], self.caption_image[row], self.image_ids[self.caption_image[row]]
-            )
+            CaptionHit(rank, score, row, self.captions[row], self.caption_image[row], self._image_id(row))
             for rank, (score, row) in enumerate(zip(scores, rows, strict=True), start=1)
         ]
 
@@ -257,7 +305,7 @@ class Searcher:
             tokens = tokenize(self.tokenizer, [text for text, _ in valid.values()], self.config)
             vectors = self.model.encode_text(**tokens).float()  # padding is masked: each row is what it is alone
             for (slot, (_, k)), vector in zip(valid.items(), vectors, strict=True):
-                answers[slot] = self._image_hits(*top_k(self.image_embeddings, vector, k))
+                answers[slot] = self.rank_images(vector, k)
         return answers
 
     def search_images(
@@ -270,11 +318,16 @@ class Searcher:
         )
         if valid:
             vectors = self.encode_images([image for image, _ in valid.values()])
-            rank = self._caption_hits if target == "text" else self._image_hits
-            matrix = self.text_embeddings if target == "text" else self.image_embeddings
             for (slot, (_, k)), vector in zip(valid.items(), vectors, strict=True):
-                answers[slot] = rank(*top_k(matrix, vector, k))
+                if target == "text":
+                    answers[slot] = self._caption_hits(*top_k(self.text_embeddings, vector, k))
+                else:
+                    answers[slot] = self.rank_images(vector, k)
         return answers
+
+    def _image_id(self, caption_row: int) -> str | None:
+        image = self.caption_image[caption_row]
+        return None if image == NO_IMAGE else self.image_ids[image]
 
     def thumbnail(self, image_index: int) -> bytes:
         return self.thumbnails[image_index]

@@ -28,15 +28,18 @@ from types import SimpleNamespace
 from unittest import mock
 
 import datasets
+import gradio
+import matplotlib
 import pyarrow.parquet as pq
 import pytest
+import sklearn
 from gradio_client import Client
 from huggingface_hub import HfApi
 
-from benchmarks.live_server import free_port, start_app, wait_until_answering
+from benchmarks.live_server import Server, free_port, start_app, wait_until_answering
 from benchmarks.short_queries import scenes_by_image_id, score_served
 from crossmodal import hub, pinned, pinned_image, synthetic
-from tests.readme import DEMO, INSTALL_PINNED, TRAIN_TINY, Sandbox
+from tests.readme import DEMO, INDEX_PICTURES, INSTALL_PINNED, SERVE_PICTURES, TRAIN_TINY, Sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
 atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)
@@ -231,6 +234,48 @@ def corrupt_images(source: Path, destination: Path, fraction: float) -> int:
     raw = splits.cast_column("image", datasets.Image(decode=False))
     raw.map(damage, with_indices=True).cast_column("image", datasets.Image()).save_to_disk(str(destination))
     return broken
+
+
+# Real photographs that installed packages ship, for the tests of your own pictures.
+REAL_PHOTOS = [
+    Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg",
+    *sorted((Path(gradio.__file__).parent / "media_assets" / "images").glob("*.jpg")),
+    *sorted((Path(sklearn.__file__).parent / "datasets" / "images").glob("*.jpg")),
+]
+
+
+@dataclass
+class PicturesRun:
+    home: Path  # HOME for README's commands: ~/Pictures holds the photos
+    index: Path  # runs/my-pictures in the sandbox
+    index_output: str  # what README's index command printed
+    server: Server  # README's serve command, running
+
+
+@pytest.fixture(scope="session")
+def pictures_run(readme_sandbox, demo_run, tmp_path_factory):
+    """README's "Search your own pictures", as typed: the demo model indexes ~/Pictures (real photographs in two
+    folders, one of them twice, and a file that is no picture), then `python app.py` serves the index until Ctrl-C."""
+    home = tmp_path_factory.mktemp("home")
+    for number, photo in enumerate(REAL_PHOTOS):
+        folder = home / "Pictures" / ("holidays" if number % 2 else "work")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, folder / photo.name)
+    shutil.copy(REAL_PHOTOS[0], home / "Pictures" / "grace_hopper again.jpg")
+    (home / "Pictures" / "shopping list.txt").write_text("milk")
+    output = readme_sandbox.run(INDEX_PICTURES, timeout=600, HOME=str(home)).stdout
+    port = free_port()
+    log = tmp_path_factory.mktemp("pictures-app") / "server.log"
+    process = readme_sandbox.start(SERVE_PICTURES, log, GRADIO_SERVER_PORT=str(port))
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_answering(url, process, log, timeout=300)
+    except RuntimeError:
+        Sandbox.ctrl_c(process)
+        raise
+    index = readme_sandbox.root / "runs" / "my-pictures"
+    yield PicturesRun(home, index, output, Server(url, process, index, log))
+    Sandbox.ctrl_c(process)
 
 
 @pytest.fixture(scope="session")

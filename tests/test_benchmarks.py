@@ -192,3 +192,15 @@ def test_index_throughput_exits_1_on_a_missed_target_and_ends_with_the_ratios(ca
     assert output[0].startswith("machine: device cpu")
     assert output[-1].startswith("ratio real / floor: images ") and output[-1].endswith("MISSED")
     assert any(line.startswith("projected Flickr30k corpus") for line in output)
+
+
+def test_index_throughput_folder_path_indexes_a_folder_twice_and_ends_with_the_ratio(capsys):
+    """The folder path end to end on a few pictures: the real command runs twice (the second time: up to date)."""
+    argv = ["--preset", "tiny", "--mixed-precision", "no", "--folder", "24", "--batch-size", "8"]
+    assert index_throughput.main([*argv, "--target-ratio", "1000"]) == 1
+    output = capsys.readouterr().out.strip().splitlines()
+    assert output[0].startswith("machine: device cpu")
+    rows = {line.split("  ")[0]: line for line in output}
+    assert "python -m crossmodal.index" in rows and "rerun, nothing changed" in rows
+    assert output[-2].startswith("rerun / first run: ")
+    assert output[-1].startswith("ratio real / floor: pictures ") and output[-1].endswith("MISSED")

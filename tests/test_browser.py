@@ -47,7 +47,7 @@ def browser() -> Iterator[Browser]:
 
 
 @contextmanager
-def open_page(browser: Browser, server) -> Iterator[Page]:
+def open_page(browser: Browser, server, heading: str = "crossmodal: text ↔ image search") -> Iterator[Page]:
     """A fresh page on ``server``'s app; afterwards, nothing was fetched from outside it and it logged no traceback."""
     log_start = server.log.stat().st_size
     context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -63,7 +63,7 @@ def open_page(browser: Browser, server) -> Iterator[Page]:
 
     page.on("request", check)
     page.goto(server.url)
-    expect(page.get_by_role("heading", name="crossmodal: text ↔ image search")).to_be_visible()
+    expect(page.get_by_role("heading", name=heading)).to_be_visible()
     yield page
     context.close()
     assert not outside, f"the page asked for something outside the app: {outside}"
@@ -229,3 +229,38 @@ def test_the_demo_finds_captions_for_one_of_its_pictures(demo_page, demo_run, tm
     assert expect_ranked(similar_captions, 10)[0] >= 0.95
     wait_for_images(page)
     page.screenshot(path=DOCS / "screenshot_image_to_text.png", full_page=True)
+
+
+@pytest.fixture
+def pictures_page(browser, pictures_run) -> Iterator[Page]:
+    """README's "Search your own pictures": the index of ~/Pictures, served by `python app.py`."""
+    with open_page(browser, pictures_run.server, heading="crossmodal: search your own pictures") as page:
+        yield page
+
+
+def test_your_own_pictures_are_searched_by_text_and_by_image(pictures_page, pictures_run, tmp_path):
+    page = pictures_page
+    images = pq.read_table(pictures_run.index / "images.parquet", columns=["filename", "duplicate_of"]).to_pydict()
+    groups = len(set(images["duplicate_of"]))
+    expect(page.get_by_text(f"{len(images['filename'])} pictures from Pictures")).to_be_visible()
+    expect(page.get_by_text("Recall")).to_have_count(0)  # the model's test metrics say nothing about these pictures
+    expect(page.get_by_text(str(pictures_run.home))).to_have_count(0)  # nor is any local path shown
+
+    results, captions = gallery_results(page, "Best matches")
+    search(page, "a big cat lying in the grass")
+    expect(results).to_have_count(min(10, groups))  # each group of near-duplicates once
+    expect_ranked(captions, min(10, groups))
+    shown = [text.split(" · ")[2] for text in captions.all_inner_texts()]
+    assert {path.split(" (+")[0] for path in shown} <= set(images["filename"]), shown  # paths in the folder
+    wait_for_images(page)
+    page.screenshot(path=DOCS / "screenshot_own_pictures.png", full_page=True)
+
+    page.get_by_role("tab", name="Search by image").click()
+    image = block(page, "Your image")
+    image.locator("input[type=file]").set_input_files(pictures_run.home / "Pictures" / "holidays" / "lion.jpg")
+    expect(image.locator("img")).to_have_attribute("src", re.compile(r"/gradio_api/file="))
+    page.get_by_role("button", name="Find captions").click()
+    similar, similar_captions = gallery_results(page, "Visually similar images")
+    expect(similar).to_have_count(min(10, groups))
+    scores = expect_ranked(similar_captions, min(10, groups))
+    assert "holidays/lion.jpg" in similar_captions.first.inner_text() and scores[0] >= 0.999

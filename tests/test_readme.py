@@ -13,12 +13,23 @@ import shlex
 import shutil
 
 import pytest
+from gradio_client import Client, handle_file
 from huggingface_hub import SpaceCard
 
 import push_to_hub
 from crossmodal.artifacts import load_verified
 from tests.conftest import SHA
-from tests.readme import DEMO, INSTALL_PINNED, README, ROOT, TRAIN_TINY, readme_commands, script_commands
+from tests.readme import (
+    DEMO,
+    INDEX_PICTURES,
+    INSTALL_PINNED,
+    README,
+    ROOT,
+    SERVE_PICTURES,
+    TRAIN_TINY,
+    readme_commands,
+    script_commands,
+)
 
 INSTALL = "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && source .venv/bin/activate"
 GENERATE = "python -m crossmodal.synthetic --out data/synthetic"
@@ -70,6 +81,8 @@ COMMANDS = {
     PUSH: "run as typed against the mocked HfApi: test_the_push_command_publishes_and_pins_the_readme",
     CREATE_SPACE: "needs the Hub; its flags are checked: test_the_space_is_created_with_flags_hf_knows",
     PUSH_SPACE: "a placeholder for the user's Space URL, and the Hub: not run",
+    INDEX_PICTURES: "run as typed, with HOME a folder the test fills: conftest's `pictures_run`",
+    SERVE_PICTURES: "run as typed, queried, then Ctrl-C: test_your_own_pictures_are_indexed_and_served",
     **{command: "its --help runs: test_benchmark_commands_parse" for command in BENCHMARKS},
 }
 
@@ -122,6 +135,28 @@ def test_evaluate_reproduces_metrics_json(readme_sandbox, tiny_run):
         # metrics.json scores the float32 embeddings training computed; the folder stores them in float16. Rounding
         # may at most swap a near-tie: one of the 100 test images' queries is 1 point (measured: no change at all).
         assert evaluated == pytest.approx(stored, abs=1.0), command
+
+
+def test_your_own_pictures_are_indexed_and_served(pictures_run):
+    """README's two commands of "Search your own pictures", queried through gradio_client as a user would."""
+    assert "8 pictures (8 embedded by this run" in pictures_run.index_output, pictures_run.index_output
+    client = Client(pictures_run.server.url, verbose=False, download_files=False)
+    _, results = client.predict("a big cat", 5, api_name="/text_to_image")
+    assert [hit["rank"] for hit in results] == list(range(1, 6))
+    assert all(hit["file_path"] == hit["image_id"] and hit["split"] == "index" for hit in results)
+
+    photo = pictures_run.home / "Pictures" / "work" / "grace_hopper.jpg"
+    _, similar = client.predict(handle_file(photo), 3, api_name="/image_to_image")
+    assert similar[0]["score"] >= 0.999  # the stored embedding is the one an upload gets
+    copies = ["grace_hopper again.jpg", "work/grace_hopper.jpg"]  # the same bytes: one result
+    assert sorted([similar[0]["file_path"], *similar[0]["duplicates"]]) == copies
+    assert all(hit["file_path"] not in copies for hit in similar[1:])
+    _, captions = client.predict(handle_file(photo), 3, api_name="/image_to_text")
+    assert len(captions) == 3 and all(hit["image_id"] is None and hit["caption"] for hit in captions)
+    report = json.loads((pictures_run.index / "skipped.json").read_text())
+    assert [(item["path"], item["reason"][:20]) for item in report["skipped"]] == [
+        ("shopping list.txt", "not a supported imag")
+    ]
 
 
 # --- training ---------------------------------------------------------------------------------------------------

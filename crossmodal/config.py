@@ -29,6 +29,15 @@ KNOWN_TEXT_ARCHITECTURES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 512,
         "vocab_size": 30522,
     },
+    "sentence-transformers/all-MiniLM-L6-v2": {  # the demo's: the same shapes, half the layers
+        "model_type": "bert",
+        "hidden_size": 384,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 12,
+        "intermediate_size": 1536,
+        "max_position_embeddings": 512,
+        "vocab_size": 30522,
+    },
     "tiny-bert": {
         "model_type": "bert",
         "hidden_size": 128,

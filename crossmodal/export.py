@@ -125,7 +125,7 @@ def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
     return {
         path.relative_to(folder).as_posix(): {"sha256": sha256_of(path), "size": path.stat().st_size}
         for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name not in UNLISTED_FILES
+        if path.is_file() and path.relative_to(folder).as_posix() not in UNLISTED_FILES
     }
 
 

@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -33,7 +34,7 @@ from crossmodal.batching import loader_workers
 from crossmodal.encoding import all_cores
 from crossmodal.folder_embed import ChunkWriter, embed_pictures, read_chunks
 from crossmodal.folder_plan import PreviousIndex, Sources
-from crossmodal.folder_scan import scan_folder
+from crossmodal.folder_scan import FileEntry, Skipped, scan_folder
 from crossmodal.folder_write import recover_folder, replace_folder, write_index
 from crossmodal.hub import load_artifacts, looks_like_path
 from crossmodal.integrity import add_source_arguments
@@ -43,6 +44,7 @@ logger = logging.getLogger("crossmodal.index")
 # it and different photographs stay below (docs/benchmarks.md, "Indexing your own pictures").
 DEFAULT_DUPLICATE_THRESHOLD = 0.97
 DEFAULT_BATCH_SIZE = 32
+THUMBNAIL_SIZE = 256  # for a model whose config.json does not say (TrainConfig.thumbnail_size)
 
 
 class IndexingError(RuntimeError):
@@ -147,68 +149,88 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+@dataclass
+class Plan:
+    """What the main process found before any picture is read."""
+
+    work: Path  # the chunk files of this run and of stopped ones
+    previous: PreviousIndex | None  # the index in the output folder, when it can be reused
+    entries: list[FileEntry]  # every candidate picture of the folder
+    walked_out: list[Skipped]  # what the walk itself refused
+    to_embed: list[FileEntry]  # what no source holds: to be read
+    known: frozenset[str]  # contents whose embedding a source holds
+
+
+def make_plan(args: argparse.Namespace, output: Path, images: Path, model: LoadedArtifacts, model_sha256: str) -> Plan:
+    """On the main process: guard the output, list the folder, and look every file up in what is already there."""
+    check_output(output, images, model)
+    recover_folder(output)
+    work = work_folder(output, model_sha256)
+    previous = PreviousIndex.open(output, model_sha256) if output.is_dir() else None
+    if output.is_dir() and previous is None:
+        logger.info("%s: made by other weights, or damaged: it is rebuilt from scratch", output)
+    entries, walked_out = scan_folder(images, include_hidden=args.include_hidden, exclude=(output,))
+    sources = Sources(previous, [table for _, table in read_chunks(work)], verify=args.verify)
+    resolution = sources.resolve(entries)
+    logger.info(
+        "%s: %d files; %d to read (new, changed, or --verify), the others already looked at",
+        images, len(entries), len(resolution.to_embed),
+    )  # fmt: skip
+    return Plan(work, previous, entries, walked_out, resolution.to_embed, sources.known())
+
+
 def run(args: argparse.Namespace, accelerator: Accelerator, output: Path, images: Path) -> int:
     # 1. The model, verified, on every process.
     model = load_artifacts(args.artifacts, args.revision)
     model_sha256 = model.manifest["files"]["model.safetensors"]["sha256"]
-    main = accelerator.is_main_process
 
-    # 2. The main process lists the folder and decides what to embed; every process gets the same plan.
-    plan: list = [None]
-    if main:
-        check_output(output, images, model)
+    # 2. The main process holds the output's lock, lists the folder and decides what to read; all get the plan.
+    shared: list = [None]
+    if accelerator.is_main_process:
         held = lock(output)  # noqa: F841 (released when the process ends)
-        recover_folder(output)
-        work = work_folder(output, model_sha256)
-        previous = PreviousIndex.open(output, model_sha256) if output.is_dir() else None
-        if output.is_dir() and previous is None:
-            logger.info("%s: made by other weights, or damaged: it is rebuilt from scratch", output)
-        entries, walked_out = scan_folder(images, include_hidden=args.include_hidden, exclude=(output,))
-        sources = Sources(previous, [table for _, table in read_chunks(work)], verify=args.verify)
-        resolution = sources.resolve(entries)
-        logger.info(
-            "%s: %d files; %d to read (new, changed or --verify), %d already indexed",
-            images, len(entries), len(resolution.to_embed), len(entries) - len(resolution.to_embed),
-        )  # fmt: skip
-        plan = [(resolution.to_embed, sources.known(), uuid.uuid4().hex[:12], str(work))]
-    broadcast_object_list(plan)
-    to_embed, known, run_id, work = plan[0]
+        plan = make_plan(args, output, images, model, model_sha256)
+        shared = [(plan.to_embed, plan.known, uuid.uuid4().hex[:12], plan.work)]
+    broadcast_object_list(shared)
+    to_embed, known, run_id, work = shared[0]
 
     # 3. Every process embeds its share into chunk files.
     model.model.to(accelerator.device)
-    writer = ChunkWriter(Path(work), model.config.embed_dim, accelerator.process_index, run_id)
-    workers = loader_workers(args.num_workers, accelerator.num_processes)
+    writer = ChunkWriter(work, model.config.embed_dim, accelerator.process_index, run_id)
     thumbnail_size = json.loads((model.folder / "config.json").read_text()).get("training", {}).get("thumbnail_size")
     with all_cores(accelerator):
         embed_pictures(
-            accelerator, model.model, images, to_embed, known, writer,
-            batch_size=args.batch_size, num_workers=workers, thumbnail_size=thumbnail_size or 256,
+            accelerator, model.model, images, to_embed, known, writer, batch_size=args.batch_size,
+            num_workers=loader_workers(args.num_workers, accelerator.num_processes),
+            thumbnail_size=thumbnail_size or THUMBNAIL_SIZE,
         )  # fmt: skip
     accelerator.wait_for_everyone()
-    if not main:
-        return 0
 
-    # 4. The main process gathers the chunks and writes the index aside, then swaps it in.
-    chunks = read_chunks(Path(work))
-    sources = Sources(previous, [table for _, table in chunks], verify=args.verify)
-    this_run = {
-        path: (number, row)
-        for number, (name, table) in enumerate(chunks)
-        if run_id in name
-        for row, path in enumerate(table.column("path").to_pylist())
-    }
-    final = sources.resolve(entries, this_run)
+    # 4. The main process writes the index aside from the chunks and the previous index, then swaps it in.
+    if accelerator.is_main_process:
+        finish(args, output, images, model, model_sha256, plan, run_id)
+    return 0
+
+
+def finish(
+    args: argparse.Namespace, output: Path, images: Path, model: LoadedArtifacts, model_sha256: str, plan: Plan,
+    run_id: str,
+) -> None:  # fmt: skip
+    chunks = read_chunks(plan.work)
+    sources = Sources(plan.previous, [table for _, table in chunks], verify=args.verify)
+    mine = [(number, table) for number, (name, table) in enumerate(chunks) if run_id in name]
+    this_run = {path: (number, row) for number, table in mine for row, path in enumerate(table["path"].to_pylist())}
+    final = sources.resolve(plan.entries, this_run)
     if final.to_embed:  # every process finished its share, so each file to read has a chunk row: a bug if not
         raise IndexingError(f"{len(final.to_embed)} files were not read, e.g. {final.to_embed[0].path}; run again")
-    embedded_now = sum(len(table) - table.column("embedding").null_count for name, table in chunks if run_id in name)
-    skipped = sorted([*walked_out, *final.skipped])
+    skipped = sorted([*plan.walked_out, *final.skipped])
     threshold = None if args.keep_duplicates else args.duplicate_threshold
-    if previous is not None and unchanged(previous, final.pictures, skipped, threshold):
-        shutil.rmtree(work, ignore_errors=True)
+    if plan.previous is not None and unchanged(plan.previous, final.pictures, skipped, threshold):
+        shutil.rmtree(plan.work, ignore_errors=True)
         print(f"{output}: up to date ({len(final.pictures)} pictures, {len(skipped)} files skipped)")
-        return 0
+        return
     if not final.pictures:
-        raise IndexingError(f"no pictures we can index in {images} ({len(skipped)} files skipped, e.g. {skipped[:3]})")
+        examples = "; ".join(f"{item.path}: {item.reason}" for item in skipped[:3])
+        raise IndexingError(f"no pictures we can index in {images} ({len(skipped)} files skipped: {examples})")
     staging = hidden_sibling(output, "staging")
     write_index(
         staging, model=model, model_sha256=model_sha256, model_source=model_source(args.artifacts, args.revision),
@@ -216,12 +238,12 @@ def run(args: argparse.Namespace, accelerator: Accelerator, output: Path, images
         duplicate_threshold=threshold,
     )  # fmt: skip
     replace_folder(staging, output)
-    shutil.rmtree(work, ignore_errors=True)  # every chunk is in the index now
+    shutil.rmtree(plan.work, ignore_errors=True)  # every chunk is in the index now
+    embedded = sum(len(table) - table["embedding"].null_count for _, table in mine)
     print(
-        f"{output}: {len(final.pictures)} pictures ({embedded_now} embedded by this run, the others kept), "
+        f"{output}: {len(final.pictures)} pictures ({embedded} embedded by this run, the others kept), "
         f"{len(skipped)} files skipped (listed in {INDEX_REPORT})"
     )
-    return 0
 
 
 def unchanged(previous: PreviousIndex, pictures: list, skipped: list, threshold: float | None) -> bool:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from crossmodal import hub
+from crossmodal import folder_write, hub
 from crossmodal.artifacts import INDEX_REPORT, NO_IMAGE, load_verified, verify_files
 from crossmodal.folder_embed import read_chunks
 from crossmodal.folder_scan import scan_folder
@@ -330,3 +330,22 @@ def test_push_to_hub_publishes_the_index_without_its_local_report(index, api):
     uploaded = {operation.path_in_repo for operation in operations}
     assert uploaded == {*json.loads((index / "manifest.json").read_text())["files"], "manifest.json"}
     assert INDEX_REPORT not in uploaded and "images.parquet" in uploaded
+
+
+def test_the_swap_replaces_the_index_in_one_step_or_recovers_from_a_cut_fallback(tmp_path, monkeypatch):
+    target, staging = tmp_path / "index", tmp_path / ".index.staging"
+    for folder, text in ((target, "old"), (staging, "new")):
+        folder.mkdir()
+        (folder / "manifest.json").write_text(text)
+    folder_write.replace_folder(staging, target)  # renameat2(RENAME_EXCHANGE) on Linux
+    assert (target / "manifest.json").read_text() == "new" and not staging.exists()
+
+    monkeypatch.setattr(folder_write, "_exchange", lambda first, second: False)  # a system without it
+    staging.mkdir()
+    (staging / "manifest.json").write_text("newer")
+    folder_write.replace_folder(staging, target)
+    assert (target / "manifest.json").read_text() == "newer" and sorted(tmp_path.iterdir()) == [target]
+
+    target.rename(folder_write.previous_name(target))  # a crash between the fallback's two renames
+    folder_write.recover_folder(target)
+    assert (target / "manifest.json").read_text() == "newer"

@@ -18,6 +18,7 @@ Targets: real >= 0.8 x floor on 2 cores, at the demo's tower and at Flickr30k's;
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -78,6 +79,11 @@ def run_index(model_folder: Path, pictures: Path, output: Path, batch_size: int,
     return time.perf_counter() - started
 
 
+def peak_child_memory() -> float:
+    """The largest resident set of any child process so far, in MB (Linux reports it in kB)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
 def main(args: argparse.Namespace, argv: list[str] | None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="crossmodal-index-folder-"))
     model_folder = build(workdir / "model", num_images=64, preset_name=args.preset)
@@ -87,6 +93,7 @@ def main(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     floors = [floor_seconds(model_folder, sample, batch_size)]
     first = run_index(model_folder, workdir / "pictures", workdir / "index", batch_size, args.num_workers)
+    memory = peak_child_memory()  # the indexing process and its loader workers: the only children so far
     floors.append(floor_seconds(model_folder, sample, batch_size))
     rerun = run_index(model_folder, workdir / "pictures", workdir / "index", batch_size, args.num_workers)
 
@@ -104,6 +111,7 @@ def main(args: argparse.Namespace, argv: list[str] | None) -> int:
     print(f"{'floor (bare image tower)':<28} {statistics.median(floors):>9.2f} {floor_rate:>11.1f}")
     print(f"{'python -m crossmodal.index':<28} {first:>9.2f} {real_rate:>11.1f}")
     print(f"{'rerun, nothing changed':<28} {rerun:>9.2f} {'':>11}")
+    print(f"peak memory of one indexing process: {memory:,.0f} MB")
     targets = [
         Target("rerun / first run:", rerun / first, RERUN_TARGET, at_least=False),
         Target("ratio real / floor: pictures", real_rate / floor_rate, args.target_ratio),

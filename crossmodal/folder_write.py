@@ -41,7 +41,7 @@ from crossmodal.folder_plan import Located, Sources
 from crossmodal.folder_scan import Skipped
 
 COPIED_FROM_MODEL = ("config.json", "model.safetensors", "text_embeddings.safetensors", "metrics.json")
-_DUPLICATE_BLOCK = 2048  # rows compared at a time: a [block, N] float32 score matrix
+_DUPLICATE_SCORES = 1 << 24  # scores computed at a time (64 MB of float32), whatever the number of pictures
 
 
 def duplicate_groups(embeddings: torch.Tensor, threshold: float | None) -> list[int]:
@@ -59,8 +59,9 @@ def duplicate_groups(embeddings: torch.Tensor, threshold: float | None) -> list[
     if threshold is None or len(embeddings) < 2:
         return parent
     matrix = embeddings.float()
-    for start in range(0, len(matrix), _DUPLICATE_BLOCK):
-        scores = matrix[start : start + _DUPLICATE_BLOCK] @ matrix.T
+    block = max(1, _DUPLICATE_SCORES // len(matrix))  # rows compared with all others at a time
+    for start in range(0, len(matrix), block):
+        scores = matrix[start : start + block] @ matrix.T
         rows, columns = torch.nonzero(scores >= threshold, as_tuple=True)
         for row, column in zip((rows + start).tolist(), columns.tolist(), strict=True):
             first, second = root(row), root(column)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from huggingface_hub.errors import HfHubHTTPError
 
 import push_to_hub
 from crossmodal import hub
-from crossmodal.artifacts import ArtifactError
-from tests.conftest import COMMIT_URL, SHA
+from crossmodal.artifacts import ArtifactError, load_verified
+from tests.conftest import COMMIT_URL, REAL_PHOTOS, SHA, SUBPROCESS_ENV, run_cli
 
 TOKEN = "hf_SECRETvalue123"
 
@@ -290,3 +291,19 @@ def test_readme_front_matter_is_a_valid_space_config():
     assert card.data.datasets == ["umaru97/flickr30k_train_val_test"]
     (entry,) = card.data.preload_from_hub
     assert entry.split(" ")[0] == card.data.models[0]
+
+
+def test_an_index_of_your_pictures_takes_a_model_pinned_on_the_hub(tiny_run, hub_cache, tmp_path):
+    """`python -m crossmodal.index --artifacts OWNER/NAME --revision SHA`: from the offline cache, as the app."""
+    cache_snapshot(hub_cache, "owner/name", SHA, tiny_run)
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for photo in REAL_PHOTOS[:3]:
+        shutil.copy(photo, pictures / photo.name)
+    output = tmp_path / "index"
+    env = {**SUBPROCESS_ENV, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
+    run_cli(sys.executable, "-m", "crossmodal.index", "--artifacts", "owner/name", "--revision", SHA, "--images",
+            pictures, "--output-dir", output, env=env)  # fmt: skip
+    loaded = load_verified(output)
+    assert loaded.index["model"] == f"owner/name@{SHA}" and loaded.index["pictures"] == 3
+    assert loaded.index["model_sha256"] == manifest_of(tiny_run)["files"]["model.safetensors"]["sha256"]

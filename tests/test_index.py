@@ -163,7 +163,9 @@ def test_near_duplicates_are_one_result_listing_the_others(index):
     assert first.as_json()["file_path"] == first.filename and first.as_json()["duplicates"] == first.duplicates
 
 
-def test_duplicate_groups_are_the_connected_components_of_the_threshold_graph():
+@pytest.mark.parametrize("scores_at_a_time", [1 << 24, 100], ids=["one block", "blocks of one row"])
+def test_duplicate_groups_are_the_connected_components_of_the_threshold_graph(monkeypatch, scores_at_a_time):
+    monkeypatch.setattr(folder_write, "_DUPLICATE_SCORES", scores_at_a_time)
     torch.manual_seed(0)
     embeddings = torch.nn.functional.normalize(torch.randn(60, 8), dim=1)
     embeddings[10] = embeddings[3]
@@ -349,3 +351,24 @@ def test_the_swap_replaces_the_index_in_one_step_or_recovers_from_a_cut_fallback
     target.rename(folder_write.previous_name(target))  # a crash between the fallback's two renames
     folder_write.recover_folder(target)
     assert (target / "manifest.json").read_text() == "newer"
+
+
+def test_ranking_by_group_is_argsort_keeping_each_groups_best(index):
+    """Searcher.rank_images against a brute-force reference: every score, sorted, the first picture of each group."""
+    searcher = Searcher(load_verified(index))
+    groups = searcher.group_of
+    assert len(set(groups)) < len(groups)  # the folder has near-duplicates to collapse
+    torch.manual_seed(0)
+    random = torch.nn.functional.normalize(torch.randn(5, searcher.image_embeddings.shape[1]), dim=1)
+    for query in [*searcher.image_embeddings[:5].float(), *random]:
+        scores = searcher.image_embeddings.float() @ query
+        expected, seen = [], set()
+        for row in torch.argsort(scores, descending=True, stable=True).tolist():
+            if groups[row] not in seen:
+                seen.add(groups[row])
+                expected.append(row)
+        for k in (1, 5, 50):
+            hits = searcher.rank_images(query, k)
+            # By group: exact copies tie, and either may stand for its group.
+            assert [groups[hit.image_index] for hit in hits] == [groups[row] for row in expected[:k]]
+            torch.testing.assert_close(torch.tensor([hit.score for hit in hits]), scores[expected[:k]])

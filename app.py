@@ -192,6 +192,7 @@ def build_app(
     the UI is built: benchmarks add instrumentation that way.
     """
     handlers = Handlers(searcher, media, compute)
+    described = "one of its captions" if searcher.artifacts.index is None else "its path in the folder"
     with gr.Blocks(title="crossmodal: text ↔ image search", delete_cache=(3600, 3600)) as app:
         gr.Markdown(header(searcher.artifacts, source))
         with gr.Accordion("About this model", open=False):
@@ -202,9 +203,7 @@ def build_app(
                 text_button = gr.Button("Search", variant="primary", scale=1)
             text_k = gr.Slider(1, MAX_K, value=10, step=1, label="How many results")
             gr.Examples(example_queries(searcher), inputs=query, label="Try")
-            gallery = gr.Gallery(
-                label="Best matches (rank · similarity · one of its captions)", columns=5, height="auto"
-            )
+            gallery = gr.Gallery(label=f"Best matches (rank · similarity · {described})", columns=5, height="auto")
             selected = gr.State(None)
             more_button = gr.Button("More like the selected image")
             with gr.Accordion("Results as JSON", open=False):

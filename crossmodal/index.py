@@ -226,7 +226,7 @@ def finish(
     threshold = None if args.keep_duplicates else args.duplicate_threshold
     if plan.previous is not None and unchanged(plan.previous, final.pictures, skipped, threshold):
         shutil.rmtree(plan.work, ignore_errors=True)
-        print(f"{output}: up to date ({len(final.pictures)} pictures, {len(skipped)} files skipped)")
+        print(f"{output}: up to date ({len(final.pictures)} pictures, {files(len(skipped))} skipped)")
         return
     if not final.pictures:
         examples = "; ".join(f"{item.path}: {item.reason}" for item in skipped[:3])
@@ -242,8 +242,12 @@ def finish(
     embedded = sum(len(table) - table["embedding"].null_count for _, table in mine)
     print(
         f"{output}: {len(final.pictures)} pictures ({embedded} embedded by this run, the others kept), "
-        f"{len(skipped)} files skipped (listed in {INDEX_REPORT})"
+        f"{files(len(skipped))} skipped (listed in {INDEX_REPORT})"
     )
+
+
+def files(count: int) -> str:
+    return f"{count} file{'s' * (count != 1)}"
 
 
 def unchanged(previous: PreviousIndex, pictures: list, skipped: list, threshold: float | None) -> bool:

@@ -33,6 +33,7 @@ from benchmarks.common import FLICKR_SIZE, Target, command_line, machine_line, s
 from benchmarks.flickr_scale import PhotoMaker, build
 from crossmodal.artifacts import load_verified
 from crossmodal.index import DEFAULT_BATCH_SIZE
+from crossmodal.model import DualEncoder
 from crossmodal.preprocess import decode_for_eval, image_batch
 
 PER_FOLDER = 250  # pictures per sub-folder, as a camera's folders hold them
@@ -53,9 +54,8 @@ def write_pictures(folder: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def floor_seconds(model_folder: Path, paths: list[Path], batch_size: int) -> float:
+def floor_seconds(model: DualEncoder, paths: list[Path], batch_size: int) -> float:
     """Seconds the bare tower takes on ``paths``, decoded and preprocessed beforehand."""
-    model = load_verified(model_folder).model.eval()
     images = [decode_for_eval(path.read_bytes(), model.config) for path in paths]
     starts = range(0, len(images), batch_size)
     batches = [image_batch(images[start : start + batch_size], model.config) for start in starts]
@@ -91,15 +91,16 @@ def main(args: argparse.Namespace, argv: list[str] | None) -> int:
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE
     sample = paths[:: max(1, len(paths) // FLOOR_SAMPLE)][:FLOOR_SAMPLE]
 
-    floors = [floor_seconds(model_folder, sample, batch_size)]
+    model = load_verified(model_folder).model.eval()
+    floors = [floor_seconds(model, sample, batch_size)]
     first = run_index(model_folder, workdir / "pictures", workdir / "index", batch_size, args.num_workers)
     memory = peak_child_memory()  # the indexing process and its loader workers: the only children so far
-    floors.append(floor_seconds(model_folder, sample, batch_size))
+    floors.append(floor_seconds(model, sample, batch_size))
     rerun = run_index(model_folder, workdir / "pictures", workdir / "index", batch_size, args.num_workers)
 
     floor_rate = len(sample) / statistics.median(floors)
     real_rate = len(paths) / first
-    config = load_verified(model_folder).config
+    config = model.config
     print(machine_line(torch.device("cpu")))
     print(f"command: {command_line('benchmarks.index_throughput', argv)}")
     print(

@@ -7,7 +7,6 @@ datasets, matplotlib and the model card.
 
 from __future__ import annotations
 
-import io
 import json
 import platform
 import shutil
@@ -21,7 +20,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file, save_model
 from tqdm.auto import tqdm
@@ -43,16 +41,13 @@ from crossmodal.integrity import sha256_of
 from crossmodal.model import DualEncoder
 from crossmodal.model_card import render_model_card
 from crossmodal.plots import plot_similarity, plot_training
+from crossmodal.thumbnails import thumbnail_jpeg
 
 # --- writing -----------------------------------------------------------------------------------------------------
 
 
 def _thumbnail(value: dict, size: int) -> bytes:
-    image = decode_image(image_bytes(value))
-    image.thumbnail((size, size), Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85, optimize=True)
-    return buffer.getvalue()
+    return thumbnail_jpeg(decode_image(image_bytes(value)), size)
 
 
 def _write_tables(corpus: Corpus, folder: Path, thumbnail_size: int) -> list[bytes]:

@@ -13,7 +13,6 @@ them and embeds only what is not in one.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ from typing import Any
 import pyarrow as pa
 import torch
 from accelerate import Accelerator
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -31,6 +29,7 @@ from crossmodal.folder_scan import FileEntry
 from crossmodal.images import ImageDecodeError
 from crossmodal.model import DualEncoder
 from crossmodal.preprocess import decode_for_eval, eval_transform
+from crossmodal.thumbnails import thumbnail_jpeg
 
 # Far above any photo the decoder accepts (40 MP), so only videos, archives and disk images are refused unread.
 MAX_FILE_BYTES = 128 * 1024 * 1024
@@ -51,15 +50,6 @@ def chunk_schema(dim: int) -> pa.Schema:
             ("embedding", pa.list_(pa.float32(), dim)),
         ]
     )
-
-
-def make_thumbnail(image: Image.Image, size: int) -> bytes:
-    """The JPEG shown in results, as training's export makes it (longest side ``size``)."""
-    image = image.copy()
-    image.thumbnail((size, size), Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85, optimize=True)
-    return buffer.getvalue()
 
 
 def read_picture(path: Path, root: Path) -> tuple[bytes, os.stat_result]:
@@ -98,7 +88,7 @@ class PictureFiles(Dataset):
             if item["sha256"] in self.known:
                 return item
             image = decode_for_eval(data, self.config)
-            item.update(pixels=self.transform(image), thumbnail=make_thumbnail(image, self.thumbnail_size))
+            item.update(pixels=self.transform(image), thumbnail=thumbnail_jpeg(image, self.thumbnail_size))
         except ImageDecodeError as error:
             item["reason"] = str(error)
         except OSError as error:

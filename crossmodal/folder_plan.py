@@ -13,6 +13,8 @@ matches are kept.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -44,11 +46,11 @@ class RowGroupCache:
         self.file = pq.ParquetFile(path)
         self.column, self.keep = column, keep
         sizes = [self.file.metadata.row_group(group).num_rows for group in range(self.file.metadata.num_row_groups)]
-        self.starts = [sum(sizes[:group]) for group in range(len(sizes) + 1)]
+        self.starts = list(itertools.accumulate(sizes, initial=0))  # first row of each group, then the row count
         self.groups: OrderedDict[int, pa.Array] = OrderedDict()
 
     def __getitem__(self, row: int) -> Any:
-        group = next(g for g in range(len(self.starts) - 1) if self.starts[g] <= row < self.starts[g + 1])
+        group = bisect.bisect_right(self.starts, row) - 1
         if group not in self.groups:
             self.groups[group] = self.file.read_row_group(group, columns=[self.column]).column(0).combine_chunks()
             if len(self.groups) > self.keep:

@@ -101,6 +101,7 @@ def check_output(output: Path, images: Path, model: LoadedArtifacts) -> None:
 
 def lock(output: Path):
     """Hold a lock on the output for the whole run: two runs writing one index would undo each other's work."""
+    output.parent.mkdir(parents=True, exist_ok=True)
     handle = open(hidden_sibling(output, "lock"), "w")  # noqa: SIM115 (held until the process ends)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     output, images = args.output_dir.expanduser(), args.images.expanduser()
     try:
         return run(args, accelerator, output, images)
-    except (IndexingError, ArtifactError, ValueError) as error:
+    except (IndexingError, ArtifactError, ValueError, OSError) as error:  # a disk full or a folder unreadable too
         logger.error("error: %s", error)
         return 2
     except KeyboardInterrupt:
@@ -161,9 +162,8 @@ class Plan:
     known: frozenset[str]  # contents whose embedding a source holds
 
 
-def make_plan(args: argparse.Namespace, output: Path, images: Path, model: LoadedArtifacts, model_sha256: str) -> Plan:
-    """On the main process: guard the output, list the folder, and look every file up in what is already there."""
-    check_output(output, images, model)
+def make_plan(args: argparse.Namespace, output: Path, images: Path, model_sha256: str) -> Plan:
+    """On the main process: list the folder, and look every file up in what is already there."""
     recover_folder(output)
     work = work_folder(output, model_sha256)
     previous = PreviousIndex.open(output, model_sha256) if output.is_dir() else None
@@ -187,10 +187,18 @@ def run(args: argparse.Namespace, accelerator: Accelerator, output: Path, images
     # 2. The main process holds the output's lock, lists the folder and decides what to read; all get the plan.
     shared: list = [None]
     if accelerator.is_main_process:
-        held = lock(output)  # noqa: F841 (released when the process ends)
-        plan = make_plan(args, output, images, model, model_sha256)
-        shared = [(plan.to_embed, plan.known, uuid.uuid4().hex[:12], plan.work)]
+        try:
+            check_output(output, images, model)  # before anything is written beside it
+            held = lock(output)  # noqa: F841 (released when the process ends)
+            plan = make_plan(args, output, images, model_sha256)
+            shared = [(plan.to_embed, plan.known, uuid.uuid4().hex[:12], plan.work)]
+        except (IndexingError, OSError) as error:
+            refused, shared = error, ["refused"]  # the others must hear it, or they would wait for a plan forever
     broadcast_object_list(shared)
+    if shared[0] == "refused":
+        if accelerator.is_main_process:
+            raise refused
+        return 2  # the main process says why
     to_embed, known, run_id, work = shared[0]
 
     # 3. Every process embeds its share into chunk files.

@@ -1,4 +1,4 @@
-"""The stored thumbnails, readable by row, loaded while the rest of the app starts.
+"""The stored thumbnails: how they are made, and reading them by row while the rest of the app starts.
 
 At Flickr30k scale the thumbnail column of images.parquet is ~550 MB. It is read one row group at a time on a
 background thread (pyarrow releases the GIL), so loading the model and building the UI go on meanwhile; whoever asks
@@ -8,12 +8,24 @@ after the read.
 
 from __future__ import annotations
 
+import io
 import threading
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
+
+
+def thumbnail_jpeg(image: Image.Image, size: int) -> bytes:
+    """The JPEG a result shows, longest side ``size``; the same for training's pictures and for your own.
+    ``image`` is left as it is."""
+    image = image.copy()
+    image.thumbnail((size, size), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85, optimize=True)
+    return buffer.getvalue()
 
 
 class Thumbnails:

@@ -154,7 +154,7 @@ def test_near_duplicates_are_one_result_listing_the_others(index):
     searcher = Searcher(load_verified(index))
     original = searcher.row("photos/grace_hopper.jpg")
     hits = searcher.more_like(original, 10)
-    assert all(hit.filename.startswith("photos/grace_hopper") is False for hit in hits)  # its whole group excluded
+    assert not any(hit.filename.startswith("photos/grace_hopper") for hit in hits)  # its whole group left out
     first = searcher.image_to_image(REAL_PHOTOS[0].read_bytes(), 5)[0]
     assert first.filename.startswith("photos/grace_hopper") and first.score > 0.999, first
     assert sorted([first.filename, *first.duplicates]) == [
@@ -289,6 +289,21 @@ def test_two_processes_index_what_one_does(index, pictures, tiny_run, tmp_path):
     run_cli(*accelerate_command(2), "-m", "crossmodal.index", "--artifacts", tiny_run, "--images", root,
             "--output-dir", output, env=env)  # fmt: skip
     same_index(output, index)
+
+
+def test_two_processes_stop_together_when_the_output_is_refused(pictures, tiny_run, tmp_path):
+    """The main process refuses before any plan is made: the other must be told, not left waiting for one."""
+    root, _ = pictures
+    (tmp_path / "documents").mkdir()
+    (tmp_path / "documents" / "thesis.txt").write_text("years of work")
+    command = [*accelerate_command(2), "-m", "crossmodal.index", "--artifacts", tiny_run, "--images", root,
+               "--output-dir", tmp_path / "documents"]  # fmt: skip
+    result = subprocess.run(
+        [str(arg) for arg in command], cwd=ROOT, env={**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "true"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0 and "is not an index" in result.stderr, result.stderr[-2000:]
+    assert sorted(path.name for path in (tmp_path / "documents").iterdir()) == ["thesis.txt"]
 
 
 def test_the_output_folder_is_never_something_else(pictures, tiny_run, tmp_path):

@@ -256,6 +256,11 @@ def test_your_own_pictures_are_searched_by_text_and_by_image(pictures_page, pict
     page.screenshot(path=DOCS / "screenshot_own_pictures.png", full_page=True)
 
     page.get_by_role("tab", name="Search by image").click()
+    examples = page.locator("img[src*='/thumbnail_']:visible")  # the tab's examples: nothing else in it has one yet
+    expect(examples).to_have_count(3)
+    shown = examples.evaluate_all("images => images.map(image => image.src)")
+    rows = [int(re.search(r"thumbnail_(\d+)\.jpg", src).group(1)) for src in shown]
+    assert len(rows) == 3 and all(images["duplicate_of"][row] == row for row in rows), rows  # one of each group
     image = block(page, "Your image")
     image.locator("input[type=file]").set_input_files(pictures_run.home / "Pictures" / "holidays" / "lion.jpg")
     expect(image.locator("img")).to_have_attribute("src", re.compile(r"/gradio_api/file="))

@@ -2,7 +2,7 @@
 (docs/architecture.md, "API endpoints").
 
     python app.py --artifacts runs/tiny/artifacts                       # a local artifact folder
-    python app.py --artifacts runs/my-pictures                          # an index: python -m crossmodal.index
+    python app.py --artifacts runs/my-pictures                          # an index: python -m crossmodal index
     CROSSMODAL_ARTIFACTS=owner/name CROSSMODAL_REVISION=<sha> python app.py   # a Hub repo pinned to a commit
 
 The artifacts are verified before the UI starts; if they fail, the app logs why and exits instead of serving a
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from crossmodal.integrity import add_source_arguments, prefetch_source
+from crossmodal.artifacts.integrity import add_source_arguments, prefetch_source
 
 if __name__ == "__main__":
     # Start hashing the artifact files on the spare core now: the imports below keep the other one busy for seconds.
@@ -33,18 +33,18 @@ from pathlib import Path
 import gradio as gr
 from huggingface_hub import constants
 
-from crossmodal.artifacts import ArtifactError
-from crossmodal.compute import ComputeThread
-from crossmodal.hub import load_artifacts
-from crossmodal.page import example_queries, header, model_card_text, test_rows
-from crossmodal.search import IMAGE_CHUNK, MAX_K, CaptionHit, ImageHit, QueryError, Searcher, clean_text
+from crossmodal.artifacts.contract import ArtifactError
+from crossmodal.artifacts.hub import load_artifacts
+from crossmodal.serving.compute import ComputeThread
+from crossmodal.serving.page import example_queries, header, model_card_text, test_rows
+from crossmodal.serving.search import IMAGE_CHUNK, MAX_K, CaptionHit, ImageHit, QueryError, Searcher, clean_text
 
 logger = logging.getLogger("crossmodal.app")
 
 MAX_UPLOAD = "10mb"
 IMAGE_EXAMPLES = 3
 # Queries per batch. The text tower costs 31 ms alone and 9.4 ms a query in eights on 2 cores; the image tower is
-# cheapest per image in fours (crossmodal/search.py, IMAGE_CHUNK).
+# cheapest per image in fours (crossmodal/serving/search.py, IMAGE_CHUNK).
 TEXT_BATCH = 16
 IMAGE_BATCH = IMAGE_CHUNK
 Extension = Callable[[gr.Blocks, "Handlers"], None]
@@ -89,7 +89,7 @@ class Handlers:
     """The app's event handlers over one shared, read-only Searcher; per-user data lives in gr.State only.
 
     Gradio calls them on its worker threads; every search goes to ``compute``, the thread that loaded the model
-    (crossmodal/compute.py says why that keeps searches at in-process speed). The three public searches are
+    (crossmodal/serving/compute.py says why that keeps searches at in-process speed). The three public searches are
     Gradio batch functions: each gets the queries that were waiting together (up to ``max_batch_size``) and returns
     one answer per query. A query we cannot answer is refused in its own slot, ``{"error": message}`` in place of its
     results list, so it never fails the others (Gradio fails a whole batch when its function raises); ``explain``
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None, extend: Extension | None = None) -> int:
     stop_on_sigterm()
 
     # 2. Verify before serving: a folder that fails is never half-served. This thread loads the model, so it is the
-    #    one that runs every search later (crossmodal/compute.py).
+    #    one that runs every search later (crossmodal/serving/compute.py).
     compute = ComputeThread()
     try:
         artifacts = load_artifacts(args.artifacts, args.revision)

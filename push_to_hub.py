@@ -22,8 +22,8 @@ from huggingface_hub import constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from crossmodal import hub
-from crossmodal.artifacts import ArtifactError
+from crossmodal.artifacts import hub
+from crossmodal.artifacts.contract import ArtifactError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import torch
 
-from crossmodal.batching import loader_workers
+from crossmodal.artifacts.export import write_artifacts
 from crossmodal.config import DEFAULT_DATASET, IMAGE_NORMALISATION, IMAGE_TOWERS, INITS, PRESETS
-from crossmodal.data import BadDataError, Corpus, DataSource, DataUnavailableError, SchemaError
-from crossmodal.encoding import encode_corpus
-from crossmodal.export import write_artifacts
-from crossmodal.pinned import PinnedFileError
-from crossmodal.train import TrainingAborted, TrainingInterrupted, format_metrics, make_accelerator, train
+from crossmodal.data.dataset import BadDataError, Corpus, DataSource, DataUnavailableError, SchemaError
+from crossmodal.encoding.batches import loader_workers
+from crossmodal.encoding.embed import encode_corpus
+from crossmodal.model.wheels import PinnedFileError
+from crossmodal.training.loop import format_metrics, train
+from crossmodal.training.prepare import make_accelerator
+from crossmodal.training.state import TrainingAborted, TrainingInterrupted
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from crossmodal.search import Searcher
+from crossmodal.serving.search import Searcher
 
 
 def top(matrix: torch.Tensor, query: torch.Tensor, k: int) -> list[int]:

@@ -15,12 +15,12 @@ from pathlib import Path
 import datasets
 import torch
 
-from crossmodal import synthetic
-from crossmodal.batching import usable_cores
 from crossmodal.config import KNOWN_TEXT_ARCHITECTURES, PRESETS, ModelConfig
-from crossmodal.data import DataSource, caption_table, load_splits
-from crossmodal.model import DualEncoder, build_model
-from crossmodal.tokenizer import fit_wordpiece
+from crossmodal.data.dataset import DataSource, caption_table, load_splits
+from crossmodal.encoding.batches import usable_cores
+from crossmodal.model.dual_encoder import DualEncoder, build_model
+from crossmodal.model.tokenizer import fit_wordpiece
+from crossmodal.synthetic import dataset as synthetic
 
 FLICKR_SIZE = (500, 375)  # width x height of a typical Flickr30k photo
 FLICKR30K_IMAGES = 31_783

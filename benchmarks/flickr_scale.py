@@ -27,14 +27,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from benchmarks.common import FLICKR30K_IMAGES, FLICKR_SIZE, random_model
-from crossmodal.artifacts import GOLDEN_CAPTIONS, ArtifactError, golden_rows, verify_files
+from crossmodal.artifacts.contract import GOLDEN_CAPTIONS, ArtifactError, golden_rows, verify_files
+from crossmodal.artifacts.export import write_artifacts
 from crossmodal.config import PRESETS
-from crossmodal.data import Corpus
-from crossmodal.export import write_artifacts
-from crossmodal.images import image_bytes
-from crossmodal.model import DualEncoder, tokenize
-from crossmodal.preprocess import decode_for_eval, image_batch
-from crossmodal.synthetic import FEATURES, sample_captions
+from crossmodal.data.dataset import Corpus
+from crossmodal.data.images import image_bytes
+from crossmodal.model.dual_encoder import DualEncoder, tokenize
+from crossmodal.model.preprocess import decode_for_eval, image_batch
+from crossmodal.synthetic.dataset import FEATURES, sample_captions
 
 SPLIT_SIZES = {"train": 29_769, "val": 1_014, "test": 1_000}  # Karpathy's val and test; the rest trains
 THUMBNAIL_SIZE = (256, 192)

@@ -3,7 +3,7 @@
     python -m benchmarks.index_throughput --folder 10000 --preset demo --mixed-precision no
     python -m benchmarks.index_throughput --folder 10000 --preset flickr30k --mixed-precision no
 
-real:  `python -m crossmodal.index` in a fresh process on a folder of N distinct 500x375 photo-like JPEGs in nested
+real:  `python -m crossmodal index` in a fresh process on a folder of N distinct 500x375 photo-like JPEGs in nested
        folders, timed from launch to exit: start-up, the walk, loader workers reading, hashing, decoding and making
        thumbnails, the tower, the chunk files, the index written and swapped in
 floor: the bare image tower (model.encode_image) on a sample of the same pictures already decoded, preprocessed and
@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 
 from benchmarks.common import FLICKR_SIZE, Target, command_line, machine_line, seconds
 from benchmarks.flickr_scale import PhotoMaker, build
-from crossmodal.artifacts import load_verified
-from crossmodal.index import DEFAULT_BATCH_SIZE
-from crossmodal.model import DualEncoder
-from crossmodal.preprocess import decode_for_eval, image_batch
+from crossmodal.artifacts.contract import load_verified
+from crossmodal.index.cli import DEFAULT_BATCH_SIZE
+from crossmodal.model.dual_encoder import DualEncoder
+from crossmodal.model.preprocess import decode_for_eval, image_batch
 
 PER_FOLDER = 250  # pictures per sub-folder, as a camera's folders hold them
 FLOOR_SAMPLE = 256
@@ -70,7 +70,7 @@ def floor_seconds(model: DualEncoder, paths: list[Path], batch_size: int) -> flo
 
 
 def run_index(model_folder: Path, pictures: Path, output: Path, batch_size: int, num_workers: int | None) -> float:
-    command = [sys.executable, "-m", "crossmodal.index", "--artifacts", str(model_folder), "--images", str(pictures),
+    command = [sys.executable, "-m", "crossmodal", "index", "--artifacts", str(model_folder), "--images", str(pictures),
                "--output-dir", str(output), "--batch-size", str(batch_size)]  # fmt: skip
     if num_workers is not None:
         command += ["--num-workers", str(num_workers)]
@@ -110,7 +110,7 @@ def main(args: argparse.Namespace, argv: list[str] | None) -> int:
     )
     print(f"{'measure':<28} {'seconds':>9} {'pictures/s':>11}")
     print(f"{'floor (bare image tower)':<28} {statistics.median(floors):>9.2f} {floor_rate:>11.1f}")
-    print(f"{'python -m crossmodal.index':<28} {first:>9.2f} {real_rate:>11.1f}")
+    print(f"{'python -m crossmodal index':<28} {first:>9.2f} {real_rate:>11.1f}")
     print(f"{'rerun, nothing changed':<28} {rerun:>9.2f} {'':>11}")
     print(f"peak memory of one indexing process: {memory:,.0f} MB")
     targets = [

@@ -5,12 +5,12 @@
     python -m benchmarks.index_throughput --preset tiny --mixed-precision no
     python -m benchmarks.index_throughput --folder 10000 --preset demo --mixed-precision no   # your own pictures
 
-With --folder N it measures indexing a folder of N pictures with `python -m crossmodal.index` instead
+With --folder N it measures indexing a folder of N pictures with `python -m crossmodal index` instead
 (benchmarks/index_folder.py says how). Without it:
 
-real:  crossmodal.encoding.encode_images / encode_captions through an Accelerator, as train_accelerate.py calls them
-       (its loader workers, its batch size): 500x375 JPEG bytes -> decode -> eval transform -> image tower; captions
-       -> tokenizer -> text tower
+real:  crossmodal.encoding.embed.encode_images / encode_captions through an Accelerator, as train_accelerate.py
+       calls them (its loader workers, its batch size): 500x375 JPEG bytes -> decode -> eval transform -> image
+       tower; captions -> tokenizer -> text tower
 floor: model.encode_image on the same images already preprocessed and on the device; model.encode_text on the same
        captions already tokenized (the same batches, so the same padding) and on the device; same batch size and
        precision, under the same inference_mode and autocast
@@ -45,14 +45,14 @@ from benchmarks.common import (
     seconds,
     throughput_parser,
 )
-from crossmodal.batching import CaptionBatcher, EvalImages, collate_images, loader_workers
 from crossmodal.config import PRESETS
-from crossmodal.data import caption_table
-from crossmodal.encoding import encode_captions, encode_images
-from crossmodal.images import image_bytes
-from crossmodal.model import DualEncoder
-from crossmodal.preprocess import decode_for_eval, image_batch
-from crossmodal.train import make_accelerator
+from crossmodal.data.dataset import caption_table
+from crossmodal.data.images import image_bytes
+from crossmodal.encoding.batches import CaptionBatcher, EvalImages, collate_images, loader_workers
+from crossmodal.encoding.embed import encode_captions, encode_images
+from crossmodal.model.dual_encoder import DualEncoder
+from crossmodal.model.preprocess import decode_for_eval, image_batch
+from crossmodal.training.prepare import make_accelerator
 
 
 @dataclass

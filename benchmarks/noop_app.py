@@ -23,7 +23,7 @@ import itertools
 import sys
 from collections.abc import Callable
 
-from crossmodal.integrity import prefetch_source
+from crossmodal.artifacts.integrity import prefetch_source
 
 if __name__ == "__main__":
     prefetch_source(sys.argv[1:])  # as app.py does
@@ -32,7 +32,7 @@ import gradio as gr
 
 import app
 from benchmarks import bare_floor
-from crossmodal.preprocess import decode_for_eval, image_batch
+from crossmodal.model.preprocess import decode_for_eval, image_batch
 
 K = 10
 GALLERY_ANSWERS = 8  # taken in turn: Gradio has their files in its cache after the first calls

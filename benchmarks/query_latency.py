@@ -48,11 +48,11 @@ from benchmarks import bare_floor, flickr_scale
 from benchmarks.common import FLICKR30K_IMAGES, Target, command_line, machine_line, percentile, seconds
 from benchmarks.gradio_http import GradioHttp
 from benchmarks.live_server import free_port, start_app
-from crossmodal.artifacts import load_verified
-from crossmodal.model import tokenize
-from crossmodal.preprocess import decode_for_eval, image_batch
-from crossmodal.search import Searcher
-from crossmodal.synthetic import sample_captions
+from crossmodal.artifacts.contract import load_verified
+from crossmodal.model.dual_encoder import tokenize
+from crossmodal.model.preprocess import decode_for_eval, image_batch
+from crossmodal.serving.search import Searcher
+from crossmodal.synthetic.dataset import sample_captions
 
 K = 10
 LATENCY_TARGET = 1.25  # x floor

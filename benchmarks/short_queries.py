@@ -8,7 +8,7 @@ gradio_client, as a user's script would. A hit is one of the top 10 images whose
 shape and sits at the top; the score is hits out of 10, averaged over the pairs. The index holds only a few such
 pictures of each pair (about 1 in 240 images), so the ceiling (what a perfect ranking scores) is reported beside it,
 and so is the looser score that ignores the place. Chance is what 10 images drawn at random would score. The
-pictures' attributes come from generating the dataset again with the same arguments (crossmodal/synthetic.py is
+pictures' attributes come from generating the dataset again with the same arguments (crossmodal/synthetic/dataset.py is
 deterministic): the artifact itself holds only captions.
 """
 
@@ -24,8 +24,9 @@ import pyarrow.parquet as pq
 from gradio_client import Client
 
 from benchmarks.live_server import start_app
-from crossmodal import synthetic
-from crossmodal.synthetic_captions import UNSEEN_COLOUR_WORDS, UNSEEN_SHAPE_WORDS
+from crossmodal.synthetic import dataset as synthetic
+from crossmodal.synthetic.captions import UNSEEN_COLOUR_WORDS, UNSEEN_SHAPE_WORDS
+from crossmodal.synthetic.scenes import COLOURS, SHAPES, Scene
 
 TOP_K = 10
 PLACE = "top"
@@ -45,8 +46,8 @@ class ShortQuery:
 def short_queries(words: str) -> list[ShortQuery]:
     """One query per colour x shape: ``words`` "training" (the generated captions' words) or "unseen"."""
     queries = []
-    for colour in synthetic.COLOURS:
-        for shape in synthetic.SHAPES:
+    for colour in COLOURS:
+        for shape in SHAPES:
             if words == "training":
                 text = f"a small {colour} {shape} at the {PLACE}"
             else:
@@ -56,14 +57,14 @@ def short_queries(words: str) -> list[ShortQuery]:
     return queries
 
 
-def scenes_by_image_id(num_train: int, num_val: int, num_test: int, seed: int) -> dict[str, synthetic.Scene]:
+def scenes_by_image_id(num_train: int, num_val: int, num_test: int, seed: int) -> dict[str, Scene]:
     """Each generated image's attributes by its img_id (ids count up through train, val and test)."""
     examples = synthetic.generate_examples(num_train, num_val, num_test, (96, 96), seed)
     scenes = [example.scene for split in synthetic.SPLITS for example in examples[split]]
     return {str(index): scene for index, scene in enumerate(scenes)}
 
 
-def is_hit(scene: synthetic.Scene, query: ShortQuery, place: bool = True) -> bool:
+def is_hit(scene: Scene, query: ShortQuery, place: bool = True) -> bool:
     return scene.colour == query.colour and scene.shape == query.shape and (scene.position == PLACE or not place)
 
 
@@ -71,7 +72,7 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def score(client: Client, queries: list[ShortQuery], scenes: dict[str, synthetic.Scene]) -> tuple[float, float]:
+def score(client: Client, queries: list[ShortQuery], scenes: dict[str, Scene]) -> tuple[float, float]:
     """Mean hits in the top 10 over ``queries``, asked through the served /text_to_image: with the place, without."""
     hits, loose = [], []
     for query in queries:
@@ -82,15 +83,13 @@ def score(client: Client, queries: list[ShortQuery], scenes: dict[str, synthetic
     return mean(hits), mean(loose)
 
 
-def ceiling_and_chance(
-    queries: list[ShortQuery], indexed: list[str], scenes: dict[str, synthetic.Scene]
-) -> tuple[float, float]:
+def ceiling_and_chance(queries: list[ShortQuery], indexed: list[str], scenes: dict[str, Scene]) -> tuple[float, float]:
     """What a perfect ranking and 10 images drawn at random would score, averaged over ``queries``."""
     counts = [sum(is_hit(scenes[image_id], query) for image_id in indexed) for query in queries]
     return mean([min(count, TOP_K) for count in counts]), TOP_K * mean(counts) / len(indexed)
 
 
-def score_served(url: str, artifacts: Path, scenes: dict[str, synthetic.Scene]) -> dict[str, float]:
+def score_served(url: str, artifacts: Path, scenes: dict[str, Scene]) -> dict[str, float]:
     """Both word sets against the app at ``url`` (serving ``artifacts``), with chance over its index."""
     client = Client(url, verbose=False, download_files=False)
     indexed = pq.read_table(artifacts / "images.parquet", columns=["image_id"]).column("image_id").to_pylist()

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "crossmodal.synthetic", "--out", workdir / "data"], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "crossmodal", "synthetic", "--out", workdir / "data"], check=True, cwd=ROOT)
     generated = time.perf_counter()
     subprocess.run(
         [

@@ -40,11 +40,13 @@ from benchmarks.common import (
     seconds,
     throughput_parser,
 )
-from crossmodal.augment import TrainAugment
-from crossmodal.batching import CaptionBatcher, DeviceBatch, TrainPairs, loader_workers, make_train_loader
 from crossmodal.config import PRESETS
-from crossmodal.optimizer import make_optimizer
-from crossmodal.train import make_accelerator, train_step
+from crossmodal.encoding.batches import CaptionBatcher, loader_workers
+from crossmodal.training.augment import TrainAugment
+from crossmodal.training.loop import train_step
+from crossmodal.training.optimizer import make_optimizer
+from crossmodal.training.pairs import DeviceBatch, TrainPairs, make_train_loader
+from crossmodal.training.prepare import make_accelerator
 
 PREFETCH_FACTOR = 2  # DataLoader's default: batches each worker queues ahead
 

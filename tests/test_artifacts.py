@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from crossmodal.artifacts import INDEX_DTYPE, ArtifactError, LoadedArtifacts, load_verified
-from crossmodal.integrity import sha256_of
-from crossmodal.model import build_model
+from crossmodal.artifacts.contract import INDEX_DTYPE, ArtifactError, LoadedArtifacts, load_verified
+from crossmodal.artifacts.integrity import sha256_of
+from crossmodal.model.dual_encoder import build_model
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_embeddings_from_another_checkpoint_are_caught_by_the_golden_self_test(a
     loaded = load_verified(artifacts)
     torch.manual_seed(123)
     other, _ = build_model(loaded.config, loaded.tokenizer, pretrained=False)  # same shapes, other weights
-    from crossmodal.artifacts import encode_thumbnails
+    from crossmodal.artifacts.contract import encode_thumbnails
 
     thumbnails = [loaded.thumbnails[row] for row in range(len(loaded.thumbnails))]
     save_file(

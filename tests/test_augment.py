@@ -6,22 +6,16 @@ import pytest
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from crossmodal import synthetic
-from crossmodal.augment import (
-    CROP_RATIO,
-    CROP_SCALE,
-    EncodedImage,
-    TrainAugment,
-    decode_batch,
-    decodes_on_device,
-    resized_crop_params,
-)
-from crossmodal.batching import CaptionBatcher, DeviceBatch, EvalImages, TrainBatcher, TrainPairs
 from crossmodal.config import PRESETS
-from crossmodal.data import DataSource, load_splits
-from crossmodal.images import decode_image, image_bytes
-from crossmodal.preprocess import decode_for_eval, eval_draft_size, eval_transform
-from crossmodal.tokenizer import fit_wordpiece
+from crossmodal.data.dataset import DataSource, load_splits
+from crossmodal.data.images import decode_image, image_bytes
+from crossmodal.encoding.batches import CaptionBatcher, EvalImages
+from crossmodal.model.device_decode import EncodedImage, decode_batch, decodes_on_device
+from crossmodal.model.preprocess import decode_for_eval, eval_draft_size, eval_transform
+from crossmodal.model.tokenizer import fit_wordpiece
+from crossmodal.synthetic import dataset as synthetic
+from crossmodal.training.augment import CROP_RATIO, CROP_SCALE, TrainAugment, resized_crop_params
+from crossmodal.training.pairs import DeviceBatch, TrainBatcher, TrainPairs
 
 TINY = PRESETS["tiny"].model
 

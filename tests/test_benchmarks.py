@@ -11,10 +11,11 @@ from accelerate.utils import is_compiled_module
 
 from benchmarks import index_throughput, train_throughput
 from benchmarks.train_throughput import batches_on_device, build_bench
-from crossmodal.augment import EncodedImage
-from crossmodal.batching import EpochShuffle, EvalImages, TrainBatcher
-from crossmodal.loss import clip_loss
-from crossmodal.train import train_step
+from crossmodal.encoding.batches import EvalImages
+from crossmodal.model.device_decode import EncodedImage
+from crossmodal.training.loop import train_step
+from crossmodal.training.loss import clip_loss
+from crossmodal.training.pairs import EpochShuffle, TrainBatcher
 
 TINY_FAST = ["--preset", "tiny", "--mixed-precision", "no", "--num-workers", "0", "--rounds", "1"]
 
@@ -98,7 +99,7 @@ def assert_trains_like(candidate, reference, steps: int, atol: float) -> None:
 
 
 def test_fused_adamw_steps_like_foreach_adamw_on_cpu(tmp_path):
-    """train.py's CUDA optimizer (fused AdamW) runs on CPU too: the same steps, to float rounding."""
+    """Training's CUDA optimizer (fused AdamW) runs on CPU too: the same steps, to float rounding."""
     fused = bench(tmp_path / "fused", cuda_options=True)
     fused.device_batch.channels_last = False  # the optimizer alone; channels_last has its own test
     assert fused.optimizer.optimizer.defaults["fused"]
@@ -128,7 +129,7 @@ def assert_same_loss_and_gradients(candidate, reference) -> None:
 
 
 def test_channels_last_inputs_give_the_same_loss_and_gradients_on_cpu(tmp_path):
-    """train.py's CUDA image layout, here on CPU."""
+    """Training's CUDA image layout, here on CPU."""
     cuda_like = bench(tmp_path / "cuda", cuda_options=True)
     pixels = cuda_like.device_batch(next(iter(cuda_like.loader)))["pixel_values"]
     assert pixels.is_contiguous(memory_format=torch.channels_last) and not pixels.is_contiguous()
@@ -201,6 +202,6 @@ def test_index_throughput_folder_path_indexes_a_folder_twice_and_ends_with_the_r
     output = capsys.readouterr().out.strip().splitlines()
     assert output[0].startswith("machine: device cpu")
     rows = {line.split("  ")[0]: line for line in output}
-    assert "python -m crossmodal.index" in rows and "rerun, nothing changed" in rows
+    assert "python -m crossmodal index" in rows and "rerun, nothing changed" in rows
     assert output[-2].startswith("rerun / first run: ")
     assert output[-1].startswith("ratio real / floor: pictures ") and output[-1].endswith("MISSED")

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from crossmodal.compute import ComputeClosedError, ComputeThread
+from crossmodal.serving.compute import ComputeClosedError, ComputeThread
 
 WAIT = 30  # seconds; a test that needs them has hung
 
@@ -116,7 +116,7 @@ def test_torch_from_several_threads_keeps_one_openmp_team():
         """
         import os, sys, threading
         import torch
-        from crossmodal.compute import ComputeThread
+        from crossmodal.serving.compute import ComputeThread
 
         torch.set_num_threads(2)
         x = torch.randn(256, 256)
@@ -159,8 +159,8 @@ def test_torch_from_several_threads_keeps_one_openmp_team():
 def test_app_handlers_search_on_the_compute_thread(tiny_run, tmp_path):
     """Every handler that touches the model hands its search to the compute thread, whichever thread Gradio used."""
     import app
-    from crossmodal.artifacts import load_verified
-    from crossmodal.search import Searcher
+    from crossmodal.artifacts.contract import load_verified
+    from crossmodal.serving.search import Searcher
 
     searcher, compute, ran_on = Searcher(load_verified(tiny_run)), ComputeThread(), {}
 

@@ -4,11 +4,8 @@ import datasets
 import pytest
 import torch
 
-from crossmodal import synthetic
-from crossmodal.augment import TrainAugment
-from crossmodal.batching import EpochShuffle, TrainPairs
 from crossmodal.config import PRESETS
-from crossmodal.data import (
+from crossmodal.data.dataset import (
     BadDataError,
     DataSource,
     DataUnavailableError,
@@ -18,6 +15,9 @@ from crossmodal.data import (
     clean_captions,
     load_splits,
 )
+from crossmodal.synthetic import dataset as synthetic
+from crossmodal.training.augment import TrainAugment
+from crossmodal.training.pairs import EpochShuffle, TrainPairs
 from tests.conftest import corrupt_images
 
 SCHEMA = ["image", "caption", "split", "img_id", "filename"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from crossmodal.devices import safetensors_device
+from crossmodal.model.devices import safetensors_device
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,7 @@ def test_safetensors_loads_on_the_cpu_devices_accelerate_hands_out(tmp_path, dev
 
 
 def test_an_artifact_folder_loads_on_the_device_of_a_multi_process_cpu_run(tiny_run):
-    from crossmodal.artifacts import rebuild_model
+    from crossmodal.artifacts.contract import rebuild_model
 
     model, _ = rebuild_model(tiny_run, device=torch.device("cpu", 0))
     assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}

@@ -12,13 +12,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from crossmodal.artifacts import CONTRACT_FILES, ArtifactError, load_verified, rebuild_model, verify_files
-from crossmodal.data import DataSource, load_splits
-from crossmodal.encoding import encode_captions, encode_images
-from crossmodal.images import decode_image
-from crossmodal.metrics import recall_at_k
-from crossmodal.model import tokenize
-from crossmodal.preprocess import eval_transform
+from crossmodal.artifacts.contract import CONTRACT_FILES, ArtifactError, load_verified, rebuild_model, verify_files
+from crossmodal.data.dataset import DataSource, load_splits
+from crossmodal.data.images import decode_image
+from crossmodal.encoding.embed import encode_captions, encode_images
+from crossmodal.encoding.metrics import recall_at_k
+from crossmodal.model.dual_encoder import tokenize
+from crossmodal.model.preprocess import eval_transform
 
 TEST_IMAGES = 100  # the generated test split: chance Recall@1 is 1/100 = 1%
 

@@ -22,8 +22,8 @@ from huggingface_hub import CommitOperationAdd, SpaceCard, constants
 from huggingface_hub.errors import HfHubHTTPError
 
 import push_to_hub
-from crossmodal import hub
-from crossmodal.artifacts import ArtifactError, load_verified
+from crossmodal.artifacts import hub
+from crossmodal.artifacts.contract import ArtifactError, load_verified
 from tests.conftest import COMMIT_URL, REAL_PHOTOS, SHA, SUBPROCESS_ENV, run_cli
 
 TOKEN = "hf_SECRETvalue123"
@@ -294,7 +294,7 @@ def test_readme_front_matter_is_a_valid_space_config():
 
 
 def test_an_index_of_your_pictures_takes_a_model_pinned_on_the_hub(tiny_run, hub_cache, tmp_path):
-    """`python -m crossmodal.index --artifacts OWNER/NAME --revision SHA`: from the offline cache, as the app."""
+    """`python -m crossmodal index --artifacts OWNER/NAME --revision SHA`: from the offline cache, as the app."""
     cache_snapshot(hub_cache, "owner/name", SHA, tiny_run)
     pictures = tmp_path / "pictures"
     pictures.mkdir()
@@ -302,7 +302,7 @@ def test_an_index_of_your_pictures_takes_a_model_pinned_on_the_hub(tiny_run, hub
         shutil.copy(photo, pictures / photo.name)
     output = tmp_path / "index"
     env = {**SUBPROCESS_ENV, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
-    run_cli(sys.executable, "-m", "crossmodal.index", "--artifacts", "owner/name", "--revision", SHA, "--images",
+    run_cli(sys.executable, "-m", "crossmodal", "index", "--artifacts", "owner/name", "--revision", SHA, "--images",
             pictures, "--output-dir", output, env=env)  # fmt: skip
     loaded = load_verified(output)
     assert loaded.index["model"] == f"owner/name@{SHA}" and loaded.index["pictures"] == 3

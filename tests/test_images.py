@@ -5,7 +5,7 @@ import io
 import pytest
 from PIL import Image
 
-from crossmodal.images import ImageDecodeError, decode_image
+from crossmodal.data.images import ImageDecodeError, decode_image
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:

@@ -1,4 +1,4 @@
-"""Indexing your own pictures (crossmodal/index.py): a folder the test writes, indexed by the command a user types,
+"""Indexing your own pictures (crossmodal/index/cli.py): a folder the test writes, indexed by the command a user types,
 checked against the serving path, against a from-scratch index, across a SIGTERM and across two processes."""
 
 from __future__ import annotations
@@ -22,16 +22,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from crossmodal import folder_write, hub
-from crossmodal.artifacts import INDEX_REPORT, NO_IMAGE, load_verified, verify_files
-from crossmodal.folder_embed import read_chunks
-from crossmodal.folder_scan import scan_folder
-from crossmodal.folder_write import duplicate_groups
-from crossmodal.search import Searcher
+from crossmodal.artifacts import hub
+from crossmodal.artifacts.contract import INDEX_REPORT, NO_IMAGE, load_verified, verify_files
+from crossmodal.index import write as index_write
+from crossmodal.index.embed import read_chunks
+from crossmodal.index.scan import scan_folder
+from crossmodal.index.write import duplicate_groups
+from crossmodal.serving.search import Searcher
 from tests.conftest import REAL_PHOTOS, ROOT, SUBPROCESS_ENV, accelerate_command, run_cli
 
 GENERATED = 48  # held-out generated pictures, in nested folders, with their captions
-# What each hostile file must be reported as (crossmodal/images.py's words, crossmodal/folder_scan.py's).
+# What each hostile file must be reported as (crossmodal/data/images.py's words, crossmodal/index/scan.py's).
 HOSTILE_REASONS = {
     "bad/empty.jpg": "the file is empty",
     "bad/notes.txt": "not a supported image",
@@ -43,8 +44,8 @@ HOSTILE_REASONS = {
 
 
 def index_command(model: Path, images: Path, output: Path, *extra: str) -> list:
-    return [sys.executable, "-m", "crossmodal.index", "--artifacts", model, "--images", images, "--output-dir", output,
-            *extra]  # fmt: skip
+    return [sys.executable, "-m", "crossmodal", "index", "--artifacts", model, "--images", images,
+            "--output-dir", output, *extra]  # fmt: skip
 
 
 def write_generated(folder: Path, dataset: Path, count: int) -> dict[str, list[str]]:
@@ -165,7 +166,7 @@ def test_near_duplicates_are_one_result_listing_the_others(index):
 
 @pytest.mark.parametrize("scores_at_a_time", [1 << 24, 100], ids=["one block", "blocks of one row"])
 def test_duplicate_groups_are_the_connected_components_of_the_threshold_graph(monkeypatch, scores_at_a_time):
-    monkeypatch.setattr(folder_write, "_DUPLICATE_SCORES", scores_at_a_time)
+    monkeypatch.setattr(index_write, "_DUPLICATE_SCORES", scores_at_a_time)
     torch.manual_seed(0)
     embeddings = torch.nn.functional.normalize(torch.randn(60, 8), dim=1)
     embeddings[10] = embeddings[3]
@@ -286,7 +287,7 @@ def test_two_processes_index_what_one_does(index, pictures, tiny_run, tmp_path):
     root, _ = pictures
     output = tmp_path / "two"
     env = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "true"}
-    run_cli(*accelerate_command(2), "-m", "crossmodal.index", "--artifacts", tiny_run, "--images", root,
+    run_cli(*accelerate_command(2), "-m", "crossmodal", "index", "--artifacts", tiny_run, "--images", root,
             "--output-dir", output, env=env)  # fmt: skip
     same_index(output, index)
 
@@ -296,7 +297,7 @@ def test_two_processes_stop_together_when_the_output_is_refused(pictures, tiny_r
     root, _ = pictures
     (tmp_path / "documents").mkdir()
     (tmp_path / "documents" / "thesis.txt").write_text("years of work")
-    command = [*accelerate_command(2), "-m", "crossmodal.index", "--artifacts", tiny_run, "--images", root,
+    command = [*accelerate_command(2), "-m", "crossmodal", "index", "--artifacts", tiny_run, "--images", root,
                "--output-dir", tmp_path / "documents"]  # fmt: skip
     result = subprocess.run(
         [str(arg) for arg in command], cwd=ROOT, env={**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "true"},
@@ -354,17 +355,17 @@ def test_the_swap_replaces_the_index_in_one_step_or_recovers_from_a_cut_fallback
     for folder, text in ((target, "old"), (staging, "new")):
         folder.mkdir()
         (folder / "manifest.json").write_text(text)
-    folder_write.replace_folder(staging, target)  # renameat2(RENAME_EXCHANGE) on Linux
+    index_write.replace_folder(staging, target)  # renameat2(RENAME_EXCHANGE) on Linux
     assert (target / "manifest.json").read_text() == "new" and not staging.exists()
 
-    monkeypatch.setattr(folder_write, "_exchange", lambda first, second: False)  # a system without it
+    monkeypatch.setattr(index_write, "_exchange", lambda first, second: False)  # a system without it
     staging.mkdir()
     (staging / "manifest.json").write_text("newer")
-    folder_write.replace_folder(staging, target)
+    index_write.replace_folder(staging, target)
     assert (target / "manifest.json").read_text() == "newer" and sorted(tmp_path.iterdir()) == [target]
 
-    target.rename(folder_write.previous_name(target))  # a crash between the fallback's two renames
-    folder_write.recover_folder(target)
+    target.rename(index_write.previous_name(target))  # a crash between the fallback's two renames
+    index_write.recover_folder(target)
     assert (target / "manifest.json").read_text() == "newer"
 
 

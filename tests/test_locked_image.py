@@ -1,4 +1,4 @@
-"""A locked image tower (crossmodal/locked_image.py): untouched by training, its cached features equal to what the
+"""A locked image tower (crossmodal/training/locked.py): untouched by training, its cached features equal to what the
 tower computes on the eval pixels, and every embedding made from them equal to one made from the pixels."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import dataclasses
 import datasets
 import torch
 
-from crossmodal.data import DataSource
-from crossmodal.encoding import encode_images
-from crossmodal.train import make_accelerator, run_epoch, setup_run
+from crossmodal.data.dataset import DataSource
+from crossmodal.encoding.embed import encode_images
+from crossmodal.training.loop import run_epoch
+from crossmodal.training.prepare import make_accelerator, setup_run
 from tests.test_train import FAST, TINY
 
 LOCKED = dataclasses.replace(FAST, lock_image_tower=True, epochs=1)

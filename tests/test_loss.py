@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
-from crossmodal.loss import clip_loss, gather_features
+from crossmodal.training.loss import clip_loss, gather_features
 from tests.conftest import SUBPROCESS_ENV, accelerate_command, run_cli
 
 

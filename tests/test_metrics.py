@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crossmodal.metrics import recall_at_k
+from crossmodal.encoding.metrics import recall_at_k
 
 
 def brute_force_recall(similarity: torch.Tensor, caption_image: list[int], k: int) -> tuple[float, float]:

@@ -9,13 +9,13 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from crossmodal.artifacts import ArtifactError, rebuild_model
+from crossmodal.artifacts.contract import ArtifactError, rebuild_model
 from crossmodal.config import PRESETS, ModelConfig
-from crossmodal.encoding import encode_captions
-from crossmodal.locked_text import LockedCaptionBatcher, lock_text_tower
-from crossmodal.model import build_model, tokenize
-from crossmodal.optimizer import parameter_groups
-from crossmodal.tokenizer import fit_wordpiece
+from crossmodal.encoding.embed import encode_captions
+from crossmodal.model.dual_encoder import build_model, tokenize
+from crossmodal.model.tokenizer import fit_wordpiece
+from crossmodal.training.locked import LockedCaptionBatcher
+from crossmodal.training.optimizer import parameter_groups
 
 CAPTIONS = ["a red circle on the left", "a blue star at the top", "two dogs run in the snow"]
 
@@ -107,7 +107,7 @@ def locked():
     tokenizer = fit_wordpiece(CAPTIONS, vocab_size=100, max_length=16)
     config = dataclasses.replace(PRESETS["tiny"].model, text_adapter_width=32)
     model, _ = build_model(config, tokenizer, pretrained=False)
-    lock_text_tower(model)
+    model.lock(text=True)
     return model, tokenizer
 
 

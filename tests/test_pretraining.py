@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.short_queries import score_served
-from crossmodal import pinned
+from crossmodal.model import pinned_text
 from tests.conftest import demo_scenes
 
-UNSEEN = "python -m crossmodal.synthetic --out data/unseen --unseen-test-words"
+UNSEEN = "python -m crossmodal synthetic --out data/unseen --unseen-test-words"
 DIRECTIONS = ("t2i", "i2t")
 KS = (1, 5, 10)
 
@@ -26,7 +26,7 @@ def recalls(readme_sandbox, demo_run, tiny_run) -> dict[str, dict[str, dict[str,
     readme_sandbox.run(UNSEEN)
     found = {}
     for name, artifacts in (("demo", demo_run.artifacts), ("tiny", tiny_run)):
-        evaluate = f"python -m crossmodal.evaluate --artifacts {artifacts} --dataset data/unseen --split test"
+        evaluate = f"python -m crossmodal evaluate --artifacts {artifacts} --dataset data/unseen --split test"
         found[name] = {
             "ordinary": json.loads((artifacts / "metrics.json").read_text())["test"],
             "unseen": json.loads(readme_sandbox.run(evaluate).stdout),
@@ -78,7 +78,7 @@ def test_each_locked_tower_is_the_checkpoint_it_was_pinned_as(demo_run, minilm, 
     for name, tensor in tower.items():
         assert torch.equal(tensor, checkpoint[name]), name
     config = json.loads((demo_run.artifacts / "config.json").read_text())["model"]
-    assert config["text_revision"] == pinned.MINILM_L6.revision
+    assert config["text_revision"] == pinned_text.MINILM_L6.revision
 
 
 def test_short_queries_in_plain_words_served(demo_run, tiny_run, app_server):

@@ -20,9 +20,9 @@ from benchmarks.common import FLICKR30K_IMAGES
 from benchmarks.gradio_http import GradioHttp
 from benchmarks.live_server import start_app
 from benchmarks.query_latency import KINDS, Floor, InProcess, make_queries
-from crossmodal.artifacts import load_verified
-from crossmodal.model import tokenize
-from crossmodal.search import Searcher
+from crossmodal.artifacts.contract import load_verified
+from crossmodal.model.dual_encoder import tokenize
+from crossmodal.serving.search import Searcher
 from tests.conftest import SUBPROCESS_ENV
 
 SMALL_INDEX = 40  # images; the script's --images

@@ -17,7 +17,7 @@ from gradio_client import Client, handle_file
 from huggingface_hub import SpaceCard
 
 import push_to_hub
-from crossmodal.artifacts import load_verified
+from crossmodal.artifacts.contract import load_verified
 from tests.conftest import SHA
 from tests.readme import (
     DEMO,
@@ -32,11 +32,11 @@ from tests.readme import (
 )
 
 INSTALL = "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && source .venv/bin/activate"
-GENERATE = "python -m crossmodal.synthetic --out data/synthetic"
+GENERATE = "python -m crossmodal synthetic --out data/synthetic"
 TRAIN_DEMO = "accelerate launch train_accelerate.py --preset demo --dataset data/synthetic --output-dir runs/demo"
-EVALUATE_DEMO = "python -m crossmodal.evaluate --artifacts runs/demo/artifacts"
+EVALUATE_DEMO = "python -m crossmodal evaluate --artifacts runs/demo/artifacts"
 SERVE = "python app.py --artifacts runs/demo/artifacts"
-EVALUATE = "python -m crossmodal.evaluate --artifacts runs/tiny/artifacts"
+EVALUATE = "python -m crossmodal evaluate --artifacts runs/tiny/artifacts"
 PYTEST = "python -m pytest -q"
 TEST_SCRIPT = "bash scripts/test.sh"
 ACCELERATE_CONFIG = "accelerate config"
@@ -46,7 +46,7 @@ TRAIN_TWO_PROCESSES = (
     "--dataset data/synthetic --output-dir runs/ddp --epochs 2"
 )
 EVALUATE_FROM_DATA = (
-    "python -m crossmodal.evaluate --artifacts runs/tiny/artifacts --dataset data/synthetic --split test"
+    "python -m crossmodal evaluate --artifacts runs/tiny/artifacts --dataset data/synthetic --split test"
 )
 PUSH = (
     "python push_to_hub.py --artifacts runs/flickr30k/artifacts --repo-id your-name/crossmodal-flickr30k "
@@ -186,7 +186,7 @@ def test_the_two_process_command_trains_and_writes_a_verified_folder(readme_sand
     load_verified(artifacts)  # checksums, weights against config, embeddings against tables, golden self-test
     two = json.loads((artifacts / "metrics.json").read_text())
     assert json.loads((artifacts / "config.json").read_text())["training"]["epochs"] == 2
-    evaluated = json.loads(readme_sandbox.run(f"python -m crossmodal.evaluate --artifacts {artifacts}").stdout)
+    evaluated = json.loads(readme_sandbox.run(f"python -m crossmodal evaluate --artifacts {artifacts}").stdout)
     assert evaluated == pytest.approx(two["test"], abs=1.0)
     assert two["test"]["t2i_R@10"] > 20, two  # chance: 10%
 

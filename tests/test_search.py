@@ -6,11 +6,20 @@ import pytest
 import torch
 from PIL import Image
 
-from crossmodal.artifacts import load_verified
-from crossmodal.images import decode_image
-from crossmodal.model import tokenize
-from crossmodal.preprocess import decode_for_eval, image_batch
-from crossmodal.search import MAX_K, MAX_QUERY_CHARS, CaptionHit, QueryError, Searcher, check_k, clean_text, top_k
+from crossmodal.artifacts.contract import load_verified
+from crossmodal.data.images import decode_image
+from crossmodal.model.dual_encoder import tokenize
+from crossmodal.model.preprocess import decode_for_eval, image_batch
+from crossmodal.serving.search import (
+    MAX_K,
+    MAX_QUERY_CHARS,
+    CaptionHit,
+    QueryError,
+    Searcher,
+    check_k,
+    clean_text,
+    top_k,
+)
 
 ALL_IMAGES_R1_FLOOR = 0.15  # measured ~26% among all 1,200 images; chance is 1/1,200
 ALL_IMAGES_TOP5_FLOOR = 0.6  # measured ~89%

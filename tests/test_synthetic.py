@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crossmodal import synthetic, synthetic_captions
+from crossmodal.synthetic import captions as synthetic_captions
+from crossmodal.synthetic import dataset as synthetic
+from crossmodal.synthetic import drawing, scenes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["image", "caption", "split", "img_id", "filename"]
@@ -40,8 +42,8 @@ def raw(split: datasets.Dataset) -> list[dict]:
 
 def nearest_colours(pixels: np.ndarray) -> np.ndarray:
     """The palette name nearest to each pixel, as an array of names shaped like the pixel grid."""
-    names = list(synthetic.PALETTE)
-    palette = np.array([synthetic.PALETTE[name] for name in names], dtype=np.float32)
+    names = list(scenes.PALETTE)
+    palette = np.array([scenes.PALETTE[name] for name in names], dtype=np.float32)
     distances = np.linalg.norm(pixels[..., None, :].astype(np.float32) - palette, axis=-1)
     return np.array(names)[distances.argmin(axis=-1)]
 
@@ -150,10 +152,10 @@ def test_generate_rows_are_the_examples_that_tests_inspect() -> None:
         assert [r["caption"] for r in rows] == [list(ex.captions) for ex in examples[name]]
 
 
-def named_attributes(caption: str, scene: synthetic.Scene, words: synthetic_captions.Vocabulary) -> set[str]:
+def named_attributes(caption: str, scene: scenes.Scene, words: synthetic_captions.Vocabulary) -> set[str]:
     """Which of the scene's five attributes the caption states, in the vocabulary's words (whole words only)."""
     text = " " + " ".join(re.findall(r"[a-z-]+", caption.lower())) + " "
-    colours = words.colours or {name: (name,) for name in synthetic.COLOURS}
+    colours = words.colours or {name: (name,) for name in scenes.COLOURS}
     options = {
         "size": words.sizes[scene.size],
         "shape": words.shapes[scene.shape],
@@ -207,8 +209,8 @@ def test_captions_do_not_use_words_of_other_attribute_values(test_examples: list
 def test_the_named_colours_are_the_drawn_colours(test_examples: list[synthetic.Example]) -> None:
     for ex in test_examples:
         pixels = decode(ex.jpeg)
-        assert colour_at(pixels, synthetic.object_probe(ex.scene, ex.layout)) == ex.scene.colour, ex.scene
-        assert colour_at(pixels, synthetic.background_probe(ex.layout, (96, 96))) == ex.scene.background, ex.scene
+        assert colour_at(pixels, drawing.object_probe(ex.scene, ex.layout)) == ex.scene.colour, ex.scene
+        assert colour_at(pixels, drawing.background_probe(ex.layout, (96, 96))) == ex.scene.background, ex.scene
 
 
 def test_a_ring_has_a_hole_and_other_shapes_do_not(test_examples: list[synthetic.Example]) -> None:
@@ -241,7 +243,7 @@ def test_every_small_shape_is_smaller_than_every_large_one_of_its_kind(
     for ex in test_examples:
         area = int((nearest_colours(decode(ex.jpeg)) == ex.scene.colour).sum())
         areas[ex.scene.shape, ex.scene.size].append(area)
-    for shape in synthetic.SHAPES:
+    for shape in scenes.SHAPES:
         small, large = areas[shape, "small"], areas[shape, "large"]
         assert small and large, f"the split should hold small and large {shape}s"
         assert max(small) * 1.3 < min(large), (shape, small, large)
@@ -255,17 +257,17 @@ def test_a_split_of_100_has_100_distinct_descriptions(test_examples: list[synthe
 
 
 def test_scenes_repeat_only_after_every_combination_was_used() -> None:
-    pool = synthetic.all_scenes()
-    scenes = synthetic.sample_scenes(len(pool) + 10, np.random.default_rng(0))
-    assert set(scenes[: len(pool)]) == set(pool)
-    assert len(set(scenes[: len(pool)])) == len(pool)
+    pool = scenes.all_scenes()
+    sampled = scenes.sample_scenes(len(pool) + 10, np.random.default_rng(0))
+    assert set(sampled[: len(pool)]) == set(pool)
+    assert len(set(sampled[: len(pool)])) == len(pool)
 
 
 def test_every_combination_has_a_contrasting_background() -> None:
-    pool = synthetic.all_scenes()
+    pool = scenes.all_scenes()
     assert len(pool) == len(set(pool)) > 1000
     for scene in pool:
-        fg, bg = (np.array(synthetic.PALETTE[name]) for name in (scene.colour, scene.background))
+        fg, bg = (np.array(scenes.PALETTE[name]) for name in (scene.colour, scene.background))
         assert np.linalg.norm(fg - bg) > 140, scene
 
 
@@ -302,7 +304,7 @@ def test_cli_writes_parquet_and_says_so(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     args = ["--out", str(out), "--train", "4", "--val", "2", "--test", "3", "--width", "40", "--height", "32"]
     result = subprocess.run(
-        [sys.executable, "-m", "crossmodal.synthetic", *args, "--seed", "5", "--format", "parquet"],
+        [sys.executable, "-m", "crossmodal", "synthetic", *args, "--seed", "5", "--format", "parquet"],
         capture_output=True,
         text=True,
         env=env,
@@ -336,7 +338,7 @@ def words_of(texts) -> set[str]:
 
 
 def attribute_words(vocabulary: synthetic_captions.Vocabulary) -> set[str]:
-    colours = vocabulary.colours or {name: (name,) for name in synthetic.COLOURS}
+    colours = vocabulary.colours or {name: (name,) for name in scenes.COLOURS}
     phrases = [*vocabulary.background_nouns]
     for table in (vocabulary.sizes, vocabulary.shapes, colours):
         phrases += [phrase for options in table.values() for phrase in options]

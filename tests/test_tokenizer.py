@@ -2,8 +2,8 @@
 
 from transformers import AutoTokenizer
 
-from crossmodal.synthetic import sample_captions
-from crossmodal.tokenizer import SPECIAL_TOKENS, fit_wordpiece
+from crossmodal.model.tokenizer import SPECIAL_TOKENS, fit_wordpiece
+from crossmodal.synthetic.dataset import sample_captions
 
 CAPTIONS = [caption for five in sample_captions(300, seed=0) for caption in five]
 

@@ -16,11 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from crossmodal import checkpoint
-from crossmodal import train as train_module
 from crossmodal.config import PRESETS
-from crossmodal.data import DataSource
-from crossmodal.train import TrainingAborted, make_accelerator, train
+from crossmodal.data.dataset import DataSource
+from crossmodal.training import checkpoint
+from crossmodal.training import loop as train_module
+from crossmodal.training.loop import train
+from crossmodal.training.prepare import make_accelerator
+from crossmodal.training.state import TrainingAborted
 from tests.conftest import ROOT, SUBPROCESS_ENV, corrupt_images, run_cli
 
 TINY = PRESETS["tiny"]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from crossmodal import checkpoint
-from crossmodal.artifacts import load_verified
+from crossmodal.artifacts.contract import load_verified
+from crossmodal.training import checkpoint
 from tests.conftest import ROOT, SUBPROCESS_ENV, accelerate_command, run_cli
 
 CPU_ENV = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "true"}
@@ -59,7 +59,7 @@ def test_two_processes_write_a_complete_artifact_folder(runs):
         torch.testing.assert_close(tensor, best[name], rtol=0, atol=0, msg=name)
     stored = json.loads((output / "artifacts" / "metrics.json").read_text())
     evaluated = json.loads(
-        run_cli(sys.executable, "-m", "crossmodal.evaluate", "--artifacts", output / "artifacts").stdout
+        run_cli(sys.executable, "-m", "crossmodal", "evaluate", "--artifacts", output / "artifacts").stdout
     )
     assert evaluated == pytest.approx(stored["test"], abs=1.0)  # float16 storage may swap a near-tie
 
@@ -115,7 +115,7 @@ def test_sigterm_to_the_launcher_then_resume_ends_like_an_uninterrupted_run(runs
 
 def test_a_locked_image_tower_trains_its_head_in_two_processes_like_in_one(small_dataset, tmp_path):
     """--lock-image-tower: each process encodes its share of the pictures once, Accelerate gathers them all, and the
-    global batches of cached features train the head as one process does (crossmodal/locked_image.py)."""
+    global batches of cached features train the head as one process does (crossmodal/training/locked.py)."""
     weights = {}
     for processes in (1, 2):
         output = tmp_path / f"p{processes}"

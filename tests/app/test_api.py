@@ -18,8 +18,8 @@ import pytest
 from gradio_client import Client
 
 from benchmarks.live_server import free_port, start_app
-from crossmodal.artifacts import load_verified
-from crossmodal.search import MAX_K, Searcher
+from crossmodal.artifacts.contract import load_verified
+from crossmodal.serving.search import MAX_K, Searcher
 from tests.app.helpers import (
     ALL_IMAGES_R1_FLOOR,
     ALL_IMAGES_TOP5_FLOOR,

@@ -8,7 +8,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from crossmodal.search import MAX_K
+from crossmodal.serving.search import MAX_K
 from tests.app.helpers import (
     BOMB_RSS_LIMIT,
     ENDPOINTS,

@@ -16,9 +16,9 @@ from accelerate.utils import set_seed
 from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
 from crossmodal.config import PRESETS
-from crossmodal.loss import clip_loss
-from crossmodal.model import build_model
-from crossmodal.tokenizer import fit_wordpiece, load_tokenizer
+from crossmodal.model.dual_encoder import build_model
+from crossmodal.model.tokenizer import fit_wordpiece, load_tokenizer
+from crossmodal.training.loss import clip_loss
 
 GLOBAL_BATCH = 8
 

@@ -93,7 +93,7 @@ def test_missing_split_is_refused(tmp_path, small_dataset):
 
 
 def test_missing_path_is_treated_as_a_hub_id_and_fails_offline():
-    with pytest.raises(DataUnavailableError, match=r"no local folder has that name.*crossmodal\.synthetic"):
+    with pytest.raises(DataUnavailableError, match=r"no local folder has that name.*python -m crossmodal synthetic"):
         load_splits(DataSource("no-such-owner/no-such-dataset"))
 
 

@@ -158,7 +158,7 @@ def test_a_flipped_byte_in_the_converted_file_is_refused_before_loading(lite0, t
 
 
 def test_a_missing_image_tower_names_the_install_command(tmp_path):
-    with pytest.raises(PinnedFileError, match=r"python -m crossmodal\.pinned install"):
+    with pytest.raises(PinnedFileError, match=r"python -m crossmodal pinned install"):
         pin_image_tower(LITE0_EVAL, tmp_path)
 
 

@@ -65,6 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         help="train nothing of the image tower; each picture's features are computed once (no augmentation)",
     )
+    recipe.add_argument(
+        "--caption-negatives",
+        type=int,
+        help="false near-copies of each training caption added as wrong captions (0: none; docs: Hard negatives)",
+    )
+    recipe.add_argument(
+        "--hard-negative-beta", type=float, help="HN-NCE: weight negatives by exp(beta * logit) (0: plain InfoNCE)"
+    )
     model = parser.add_argument_group("model overrides (default: the preset's)")
     model.add_argument("--image-tower", choices=IMAGE_TOWERS)
     model.add_argument("--text-tower", help="a transformers encoder: Hub id or local folder")
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         mean, std = IMAGE_NORMALISATION[args.image_tower]
         model_config = dataclasses.replace(model_config, image_mean=mean, image_std=std)
     recipe = ["epochs", "batch_size", "lr", "seed", "grad_accum_steps", "num_workers", "checkpoint_every"]
-    recipe += ["text_tower_lr_ratio", "lock_text_tower", "lock_image_tower"]
+    recipe += ["text_tower_lr_ratio", "lock_text_tower", "lock_image_tower", "caption_negatives", "hard_negative_beta"]
     train_config = dataclasses.replace(preset.train, **overrides(args, recipe))
     source = DataSource(args.dataset, args.dataset_revision, args.image_column, args.caption_column, args.val_split)
     accelerator = make_accelerator(train_config, args.output_dir, args.mixed_precision, args.report_to)

@@ -150,6 +150,14 @@ class TrainConfig:
     # The image tower likewise (training/locked.py): not trained, each picture's pooled features computed once
     # through the eval transform (so no augmentation), where a CPU could not afford the tower at every step.
     lock_image_tower: bool = False
+    # Caption negatives (NegCLIP; training/negatives.py, docs/architecture.md "Hard negatives"): up to this many false
+    # near-copies of each training caption (a colour, number, side or size changed, two colours or two phrases
+    # exchanged), wrong for every picture of the batch. A random batch almost never holds a caption one attribute
+    # away from the right one, so without them the loss never pays for binding a word to the wrong thing. 0: none.
+    caption_negatives: int = 0
+    # HN-NCE's beta (Radenovic et al. 2023): every negative of a row weighted by exp(beta * logit), mean 1 over the
+    # row, so look-alikes cost the most. 0: plain InfoNCE, every negative alike.
+    hard_negative_beta: float = 0.0
     weight_decay: float = 0.2  # CLIP; not applied to biases, norms and the logit scale
     warmup_fraction: float = 0.05  # linear warmup over the first 5% of steps, then cosine to zero
     seed: int = 42

@@ -246,8 +246,14 @@ class DualEncoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         text_features: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Pixels and tokens, or a locked tower's precomputed features (crossmodal/training/locked.py)."""
+        negative_input_ids: torch.Tensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
+        negative_text_features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Pixels and tokens, or a locked tower's precomputed features (crossmodal/training/locked.py): the image and
+        text embeddings [B, D] and the scale. With caption negatives (``negative_*``: [B, K, L] tokens or [B, K, H]
+        locked features, crossmodal/training/negatives.py), their embeddings [B, K, D] come fourth; they go through
+        forward so that DDP sees every use of the text head."""
         if text_features is not None:
             text = self.project_text(text_features.to(self.text_projection.weight.dtype))
         else:
@@ -256,6 +262,14 @@ class DualEncoder(nn.Module):
             image = self.project_image(image_features.to(self.logit_scale.dtype))
         else:
             image = self.encode_image(pixel_values)
+        if negative_text_features is not None:
+            shape = negative_text_features.shape[:2]
+            flat = negative_text_features.flatten(0, 1).to(self.text_projection.weight.dtype)
+            return image, text, self.scale(), self.project_text(flat).unflatten(0, shape)
+        if negative_input_ids is not None:
+            shape = negative_input_ids.shape[:2]
+            flat = self.encode_text(negative_input_ids.flatten(0, 1), negative_attention_mask.flatten(0, 1))
+            return image, text, self.scale(), flat.unflatten(0, shape)
         return image, text, self.scale()
 
 

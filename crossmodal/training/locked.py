@@ -29,6 +29,8 @@ from crossmodal.data.dataset import caption_table, image_digests
 from crossmodal.encoding.batches import CaptionBatcher
 from crossmodal.encoding.embed import encode_captions, encode_images
 from crossmodal.model.dual_encoder import DualEncoder
+from crossmodal.training.negatives import negatives_of
+from crossmodal.training.pairs import WithCaptionNegatives
 
 
 class LockedCaptionBatcher:
@@ -65,13 +67,19 @@ def train_captions(
     model: DualEncoder, tokenizer, splits: datasets.DatasetDict, train: TrainConfig, accelerator: Accelerator
 ) -> Callable[[list[str]], dict[str, torch.Tensor]]:
     """The training loader's caption collator: tokens, or with ``lock_text_tower`` each caption's features, computed
-    here once for the training and validation captions, which the model then keeps as ``known_text_features``."""
+    here once for the training and validation captions (and the training captions' negatives), which the model then
+    keeps as ``known_text_features``. With ``caption_negatives`` each training caption's negatives come along
+    (:class:`~crossmodal.training.pairs.WithCaptionNegatives`)."""
+    training = caption_table(splits["train"])[0]
+    negatives = negatives_of(training, train.caption_negatives, train.seed) if train.caption_negatives else {}
     if not train.lock_text_tower:
-        return CaptionBatcher(tokenizer, model.config)
-    captions = [caption for split in ("train", "val") for caption in caption_table(splits[split])[0]]
-    known = LockedCaptionBatcher.for_captions(accelerator, model, tokenizer, captions, train.eval_batch_size)
-    model.known_text_features = known
-    return known
+        collate = CaptionBatcher(tokenizer, model.config)
+    else:
+        captions = [*training, *caption_table(splits["val"])[0]]
+        captions += [negative for row in negatives.values() for negative in row]
+        collate = LockedCaptionBatcher.for_captions(accelerator, model, tokenizer, captions, train.eval_batch_size)
+        model.known_text_features = collate
+    return WithCaptionNegatives(collate, negatives, train.caption_negatives) if negatives else collate
 
 
 class KnownImageFeatures:

@@ -70,8 +70,9 @@ def run_epoch(run: Run, max_steps: int | None) -> list[float]:
     )  # fmt: skip
     for batch in progress:
         loss = train_step(
-            accelerator, run.model, run.optimizer, run.scheduler, run.device_batch(batch), config.max_grad_norm
-        )
+            accelerator, run.model, run.optimizer, run.scheduler, run.device_batch(batch), config.max_grad_norm,
+            hard_negative_beta=config.hard_negative_beta,
+        )  # fmt: skip
         state.batches_done += 1
         if not math.isfinite(loss):
             count_bad_step(run, loss)
@@ -96,11 +97,21 @@ def train_step(
     scheduler: Any,
     batch: dict[str, torch.Tensor],
     max_grad_norm: float,
+    *,
+    hard_negative_beta: float = 0.0,
 ) -> float:
-    """One micro-batch under ``accelerator.accumulate``; returns the loss, or NaN/inf without updating anything."""
+    """One micro-batch under ``accelerator.accumulate``; returns the loss, or NaN/inf without updating anything.
+
+    A batch with caption negatives (``negative_mask`` among its keys) gets their embeddings from the model as a
+    fourth output."""
+    batch = dict(batch)
+    negative_mask = batch.pop("negative_mask", None)
     with accelerator.accumulate(model):
-        image_embeddings, text_embeddings, scale = model(**batch)
-        loss = clip_loss(image_embeddings, text_embeddings, scale)
+        image_embeddings, text_embeddings, scale, *negatives = model(**batch)
+        hard: dict[str, Any] = {"hard_negative_beta": hard_negative_beta} if hard_negative_beta else {}
+        if negatives:
+            hard |= {"negative_embeddings": negatives[0], "negative_mask": negative_mask}
+        loss = clip_loss(image_embeddings, text_embeddings, scale, **hard)
         if not torch.isfinite(loss):  # same value on every process: the loss is computed over the global batch
             optimizer.zero_grad(set_to_none=True)
             return loss.item()

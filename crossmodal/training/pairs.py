@@ -7,7 +7,7 @@ resumed run, any number of loader workers and any number of processes see the sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +111,35 @@ class TrainBatcher:
         collated = collate_images(list(images))
         key = "images" if isinstance(collated, list) else "pixel_values"  # a list: still to be decoded on the device
         return {key: collated, **self.captions(list(captions))}
+
+
+class WithCaptionNegatives:
+    """A caption collator that also collates each caption's negatives (crossmodal/training/negatives.py): the
+    positives as ``captions`` collates them, and each key again as ``negative_<key>`` [B, K, ...], collated in the
+    same call (one padded length), with ``negative_mask`` [B, K] False where a caption has fewer than K. Every
+    tensor's first dimension is the batch, so Accelerate's split of a global batch keeps them together."""
+
+    def __init__(
+        self, captions: Callable[[list[str]], dict[str, torch.Tensor]], negatives: Mapping[str, list[str]], count: int
+    ) -> None:
+        self.captions = captions
+        self.negatives = negatives
+        self.count = count
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        rows = [self.negatives.get(caption, [])[: self.count] for caption in captions]
+        # A missing negative is filled with its own caption, which every collator can encode; the mask drops it.
+        filled = [
+            text
+            for caption, row in zip(captions, rows, strict=True)
+            for text in row + [caption] * (self.count - len(row))
+        ]
+        collated = self.captions(list(captions) + filled)
+        size = len(captions)
+        batch = {key: value[:size] for key, value in collated.items()}
+        batch |= {f"negative_{key}": value[size:].unflatten(0, (size, self.count)) for key, value in collated.items()}
+        batch["negative_mask"] = torch.tensor([[k < len(row) for k in range(self.count)] for row in rows])
+        return batch
 
 
 class DeviceBatch:

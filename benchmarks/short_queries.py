@@ -25,8 +25,8 @@ from gradio_client import Client
 
 from benchmarks.live_server import start_app
 from crossmodal.synthetic import dataset as synthetic
-from crossmodal.synthetic.captions import UNSEEN_COLOUR_WORDS, UNSEEN_SHAPE_WORDS
-from crossmodal.synthetic.scenes import COLOURS, SHAPES, Scene
+from crossmodal.synthetic.captions import UNSEEN_VOCABULARIES
+from crossmodal.synthetic.scenes import COLOURS, SHAPES, PairScene, Scene
 
 TOP_K = 10
 PLACE = "top"
@@ -44,35 +44,44 @@ class ShortQuery:
 
 
 def short_queries(words: str) -> list[ShortQuery]:
-    """One query per colour x shape: ``words`` "training" (the generated captions' words) or "unseen"."""
+    """One query per colour x shape: ``words`` "training" (the generated captions' words), or an unseen vocabulary
+    ("first", "second": captions.UNSEEN_VOCABULARIES)."""
     queries = []
     for colour in COLOURS:
         for shape in SHAPES:
             if words == "training":
                 text = f"a small {colour} {shape} at the {PLACE}"
             else:
-                said_colour, said_shape = UNSEEN_COLOUR_WORDS[colour][0], UNSEEN_SHAPE_WORDS[shape][0]
+                vocabulary = UNSEEN_VOCABULARIES[words]
+                said_colour, said_shape = vocabulary.colours[colour][0], vocabulary.shapes[shape][0]
                 text = f"{article(said_colour)} {said_colour} {said_shape} near the {PLACE}"
             queries.append(ShortQuery(colour, shape, text))
     return queries
 
 
-def scenes_by_image_id(num_train: int, num_val: int, num_test: int, seed: int) -> dict[str, Scene]:
+def scenes_by_image_id(
+    num_train: int, num_val: int, num_test: int, seed: int, pair_fraction: float = 0.0
+) -> dict[str, Scene | PairScene]:
     """Each generated image's attributes by its img_id (ids count up through train, val and test)."""
-    examples = synthetic.generate_examples(num_train, num_val, num_test, (96, 96), seed)
+    examples = synthetic.generate_examples(num_train, num_val, num_test, (96, 96), seed, pair_fraction=pair_fraction)
     scenes = [example.scene for split in synthetic.SPLITS for example in examples[split]]
     return {str(index): scene for index, scene in enumerate(scenes)}
 
 
-def is_hit(scene: Scene, query: ShortQuery, place: bool = True) -> bool:
-    return scene.colour == query.colour and scene.shape == query.shape and (scene.position == PLACE or not place)
+def is_hit(scene: Scene | PairScene, query: ShortQuery, place: bool = True) -> bool:
+    """The picture has a figure of the asked colour and shape (at the top, with ``place``)."""
+    figures = scene.figures if isinstance(scene, PairScene) else (scene,)
+    return any(
+        figure.colour == query.colour and figure.shape == query.shape and (figure.position == PLACE or not place)
+        for figure in figures
+    )
 
 
 def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def score(client: Client, queries: list[ShortQuery], scenes: dict[str, Scene]) -> tuple[float, float]:
+def score(client: Client, queries: list[ShortQuery], scenes: dict[str, Scene | PairScene]) -> tuple[float, float]:
     """Mean hits in the top 10 over ``queries``, asked through the served /text_to_image: with the place, without."""
     hits, loose = [], []
     for query in queries:
@@ -83,20 +92,25 @@ def score(client: Client, queries: list[ShortQuery], scenes: dict[str, Scene]) -
     return mean(hits), mean(loose)
 
 
-def ceiling_and_chance(queries: list[ShortQuery], indexed: list[str], scenes: dict[str, Scene]) -> tuple[float, float]:
+def ceiling_and_chance(
+    queries: list[ShortQuery], indexed: list[str], scenes: dict[str, Scene | PairScene]
+) -> tuple[float, float]:
     """What a perfect ranking and 10 images drawn at random would score, averaged over ``queries``."""
     counts = [sum(is_hit(scenes[image_id], query) for image_id in indexed) for query in queries]
     return mean([min(count, TOP_K) for count in counts]), TOP_K * mean(counts) / len(indexed)
 
 
-def score_served(url: str, artifacts: Path, scenes: dict[str, Scene]) -> dict[str, float]:
-    """Both word sets against the app at ``url`` (serving ``artifacts``), with chance over its index."""
+def score_served(
+    url: str, artifacts: Path, scenes: dict[str, Scene | PairScene], unseen: str = "first"
+) -> dict[str, float]:
+    """Training words and the ``unseen`` vocabulary against the app at ``url`` (serving ``artifacts``), with chance
+    over its index."""
     client = Client(url, verbose=False, download_files=False)
     indexed = pq.read_table(artifacts / "images.parquet", columns=["image_id"]).column("image_id").to_pylist()
-    training, unseen = short_queries("training"), short_queries("unseen")
+    training, unseen_queries = short_queries("training"), short_queries(unseen)
     (training_hits, training_loose), (unseen_hits, unseen_loose) = (
         score(client, training, scenes),
-        score(client, unseen, scenes),
+        score(client, unseen_queries, scenes),
     )
     ceiling, at_random = ceiling_and_chance(training, indexed, scenes)
     return {
@@ -116,15 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=int, default=100)
     parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pairs", type=float, default=0.0, help="the dataset's share of two-figure scenes")
+    parser.add_argument("--unseen", choices=tuple(UNSEEN_VOCABULARIES), default="first", help="which unseen words")
     args = parser.parse_args(argv)
-    scenes = scenes_by_image_id(args.train, args.val, args.test, args.seed)
+    scenes = scenes_by_image_id(args.train, args.val, args.test, args.seed, args.pairs)
     print("| artifacts | training words | unseen words | ceiling | chance | colour+shape: training | unseen |")
     print("|---|---|---|---|---|---|---|")
     results = {}
     for artifacts in args.artifacts:
         server = start_app(artifacts, Path(tempfile.mkdtemp()) / "server.log", timeout=300)
         try:
-            results[str(artifacts)] = found = score_served(server.url, artifacts, scenes)
+            results[str(artifacts)] = found = score_served(server.url, artifacts, scenes, args.unseen)
         finally:
             server.process.terminate()
             server.process.wait(timeout=30)

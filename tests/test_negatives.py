@@ -104,12 +104,18 @@ def test_a_caption_with_nothing_to_change_gets_no_negatives(caption):
 
 
 def test_the_words_held_out_for_unseen_tests_never_enter_through_a_negative():
-    from crossmodal.synthetic.captions import UNSEEN_WORDS
+    """A negative only ever writes a lexicon word, and no lexicon word is in either unseen vocabulary."""
+    from crossmodal.synthetic.captions import UNSEEN_VOCABULARIES
+    from crossmodal.training import negatives
+    from tests.test_synthetic import attribute_words
 
-    held_out = {w for words_ in UNSEEN_WORDS.colours.values() for w in words_}
-    held_out |= {w for words_ in UNSEEN_WORDS.sizes.values() for w in words_}
+    held_out = set().union(*(attribute_words(vocabulary) for vocabulary in UNSEEN_VOCABULARIES.values()))
+    lexicon = {*negatives.COLOURS, *negatives.NUMBERS, *negatives.OPPOSITE_SIDES.values(), *negatives.SMALL}
+    lexicon |= {*negatives.LARGE, *(w for relation in negatives.ASYMMETRIC_RELATIONS for w in relation.split())}
+    assert not lexicon & held_out
     produced = {w for caption in FLICKR_STYLE for n in all_negatives(caption) for w in words(n)}
-    assert not produced & held_out
+    written = produced - {w for caption in FLICKR_STYLE for w in words(caption)}
+    assert written and written <= lexicon
 
 
 def test_the_choice_is_fixed_by_seed_and_caption_and_the_hardest_come_first():
@@ -161,3 +167,21 @@ def test_a_run_with_caption_negatives_and_hn_nce_trains(tmp_path, small_dataset,
         captions = caption_table(load_splits(DataSource(str(small_dataset)))["train"])[0]
         expected = {n for caption in captions for n in caption_negatives(caption, 2, recipe.seed)}
         assert expected and known.holds(sorted(expected))
+
+
+def test_the_model_card_and_the_page_say_which_negatives_the_model_was_trained_with(tiny_run):
+    from huggingface_hub import ModelCard
+
+    from crossmodal.artifacts.contract import load_verified
+    from crossmodal.serving.page import header
+
+    assert "negatives: in-batch negatives only (no hard negatives)" in ModelCard.load(tiny_run / "README.md").text
+    loaded = load_verified(tiny_run)
+    assert loaded.training["caption_negatives"] == 0 and loaded.training["hard_negative_beta"] == 0.0
+    assert "trained with in-batch negatives only" in header(loaded, str(tiny_run))
+    hard = dataclasses.replace(loaded, training={**loaded.training, "caption_negatives": 3, "hard_negative_beta": 0.5})
+    said = header(hard, str(tiny_run))
+    assert (
+        "trained with 3 caption negatives per caption" in said
+        and "HN-NCE weighting of hard negatives (beta 0.5)" in said
+    )

@@ -60,6 +60,7 @@ BENCHMARKS = [
     "python -m benchmarks.index_throughput",
     "python -m benchmarks.load_test",
     "python -m benchmarks.tiny_end_to_end",
+    "python -m benchmarks.twins --artifacts runs/demo/artifacts",
 ]
 
 COMMANDS = {

@@ -385,3 +385,26 @@ def test_the_cli_writes_an_unseen_words_test_split(tmp_path):
     new_words = attribute_words(synthetic_captions.UNSEEN_WORDS)
     assert words_of(c for five in written["test"]["caption"] for c in five) & new_words
     assert not words_of(c for five in written["train"]["caption"] for c in five) & new_words
+
+
+def test_the_second_unseen_vocabulary_shares_no_word_with_the_first_or_training():
+    """Recipes are chosen on the first unseen vocabulary and reported on the second: no word may serve both."""
+    second = attribute_words(synthetic_captions.SECOND_UNSEEN_WORDS)
+    templates = synthetic_captions.TEMPLATES + synthetic_captions.PARTIAL_TEMPLATES + synthetic_captions.PAIR_TEMPLATES
+    assert second & attribute_words(synthetic_captions.UNSEEN_WORDS) == set()
+    assert second & attribute_words(synthetic_captions.TRAINING_WORDS) == set()
+    assert second & words_of(templates) == set()
+    assert len(second) >= 40
+
+
+def test_the_cli_writes_the_second_unseen_vocabulary_on_the_same_pictures(tmp_path):
+    for vocabulary in ("first", "second"):
+        synthetic.main(["--out", str(tmp_path / vocabulary), "--train", "2", "--val", "1", "--test", "4",
+                        "--unseen-test-words", vocabulary])  # fmt: skip
+    first, second = (datasets.load_from_disk(str(tmp_path / name))["test"] for name in ("first", "second"))
+    assert [row["bytes"] for row in first.cast_column("image", datasets.Image(decode=False))["image"]] == [
+        row["bytes"] for row in second.cast_column("image", datasets.Image(decode=False))["image"]
+    ]
+    said = words_of(c for five in second["caption"] for c in five)
+    assert said & attribute_words(synthetic_captions.SECOND_UNSEEN_WORDS)
+    assert not said & attribute_words(synthetic_captions.UNSEEN_WORDS)

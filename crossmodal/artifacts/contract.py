@@ -7,7 +7,7 @@ crossmodal/artifacts/export.py writes it; this side is all the app imports.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,7 @@ class LoadedArtifacts:
     thumbnails: Thumbnails  # the thumbnail column, by row
     captions: pa.Table  # caption, image_index
     metrics: dict[str, dict[str, float]]
+    training: dict[str, Any] = field(default_factory=dict)  # config.json's recipe (TrainConfig); {} for an index
 
     @property
     def index(self) -> dict[str, Any] | None:
@@ -334,9 +335,10 @@ def _load_parts(folder: Path, manifest: dict[str, Any]) -> LoadedArtifacts:
         _check_duplicate_groups(images, folder / "images.parquet")
     _check_thumbnails(thumbnails, folder / "images.parquet", images.num_rows)  # readable, one per image
     metrics = _read_metrics(folder / "metrics.json")
+    training = json.loads((folder / "config.json").read_text()).get("training") or {}  # parsed by rebuild_model
     return LoadedArtifacts(
         folder, manifest, model.config, model, tokenizer, image_embeddings, text_embeddings, images, thumbnails,
-        captions, metrics,
+        captions, metrics, training,
     )  # fmt: skip
 
 

@@ -29,7 +29,7 @@ A CLIP-style dual encoder for text-to-image and image-to-text search, trained wi
 - Image tower: `{image_tower}` ({image_size}px input), text tower: `{text_tower}` (mean pooling, up to {max_len} word
   pieces), both projected to a shared {embed_dim}-d space and L2-normalised.
 - Initialisation: {init}. Training: symmetric InfoNCE over the global batch of {batch_size}, {epochs} epochs, AdamW at
-  lr {lr} (towers: {tower_ratio}), warmup then cosine; checkpoint picked on validation RSUM.
+  lr {lr} (towers: {tower_ratio}), warmup then cosine; negatives: {negatives}; checkpoint picked on validation RSUM.
 
 ## Results (test split, {test_images} images, Recall in %)
 
@@ -90,6 +90,20 @@ def tower_ratio_text(train: TrainConfig) -> str:
     return f"x{train.tower_lr_ratio} image, x{train.text_tower_lr_ratio} text"
 
 
+def negatives_line(caption_negatives: int, hard_negative_beta: float) -> str:
+    """Which hard negatives the model was trained with (docs/architecture.md, "Hard negatives"), as the card and the
+    app say it."""
+    parts = []
+    if caption_negatives:
+        parts.append(
+            f"{caption_negatives} caption negatives per caption (false near-copies: colours or sides exchanged "
+            "between its phrases, a colour, number, side or size replaced)"
+        )
+    if hard_negative_beta:
+        parts.append(f"HN-NCE weighting of hard negatives (beta {hard_negative_beta:g})")
+    return " and ".join(parts) if parts else "in-batch negatives only (no hard negatives)"
+
+
 def init_line(model: ModelConfig) -> str:
     """Where each tower's starting weights came from, and under which licence."""
     image = tower_line(model.image_tower, model.image_init, source=model.image_source)
@@ -141,6 +155,7 @@ def render_model_card(
             epochs=train.epochs,
             lr=train.lr,
             tower_ratio=tower_ratio_text(train),
+            negatives=negatives_line(train.caption_negatives, train.hard_negative_beta),
             test_images=dataset.get("test_images", "?"),
             num_images=dataset.get("num_images", "?"),
             num_captions=dataset.get("num_captions", "?"),

@@ -64,3 +64,32 @@ def recall_at_k(
         results[f"t2i_R@{k}"] = 100.0 * (t2i < k).double().mean().item()
     results["rsum"] = sum(results.values())
     return results
+
+
+def twin_scores(image_embeddings: torch.Tensor, caption_embeddings: torch.Tensor) -> dict[str, float]:
+    """Winoground's scores (Thrush et al. 2022) over twins, in percent.
+
+    image_embeddings [P, 2, D]: the two pictures of each twin pair; caption_embeddings [P, 2, J, D]: J captions of
+    each, caption j of one holding the words of caption j of the other in another order. Each (pair, j) is one item
+    of two pictures and two captions. ``caption_picks_image``: a caption scores its own picture above the twin
+    (chance 50); ``image_picks_caption``: a picture scores its own caption above the twin's (50); ``text``: both
+    pictures pick right, ``image``: both captions pick right (25 each); ``group``: all four (16.7). Ties count as
+    wrong.
+    """
+    images, captions = image_embeddings.float().cpu(), caption_embeddings.float().cpu()
+    if images.shape[:2] != captions.shape[:2] or images.shape[1] != 2:
+        raise ValueError(f"twins need images [P, 2, D] and captions [P, 2, J, D], got {images.shape}, {captions.shape}")
+    # score[p, j, c, i]: caption j of picture c against picture i
+    score = torch.einsum("pcjd,pid->pjci", captions, images)
+    own = score.diagonal(dim1=2, dim2=3)  # [P, J, 2]: each caption with its own picture
+    crossed = score.flip(3).diagonal(dim1=2, dim2=3)  # [P, J, 2]: caption c with picture 1 - c
+    other_caption = score.flip(2).diagonal(dim1=2, dim2=3)  # [P, J, 2]: picture i with caption 1 - i
+    caption_right = own > crossed  # caption c picks picture c
+    image_right = own > other_caption  # picture i picks caption i
+    return {
+        "caption_picks_image": 100 * caption_right.float().mean().item(),
+        "image_picks_caption": 100 * image_right.float().mean().item(),
+        "text": 100 * image_right.all(dim=2).float().mean().item(),
+        "image": 100 * caption_right.all(dim=2).float().mean().item(),
+        "group": 100 * (image_right.all(dim=2) & caption_right.all(dim=2)).float().mean().item(),
+    }

@@ -11,6 +11,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, constants
 
 from crossmodal.artifacts.contract import LoadedArtifacts
+from crossmodal.artifacts.model_card import negatives_line
 from crossmodal.serving.search import Searcher
 
 FLICKR_EXAMPLES = ["Two men in green shirts drinking", "a dog running through the snow", "a child on a red bicycle"]
@@ -60,8 +61,12 @@ def header(artifacts: LoadedArtifacts, source: str) -> str:
     else:
         lines.append("Search Flickr30k photos by describing them, or find captions for a picture of your own.")
     card = card_link(source)
+    negatives = negatives_line(
+        artifacts.training.get("caption_negatives", 0), artifacts.training.get("hard_negative_beta", 0.0)
+    )
     lines.append(
-        f"Model: `{config.image_tower}` + `{config.text_tower}`, {config.embed_dim}-d, model card {card}. "
+        f"Model: `{config.image_tower}` + `{config.text_tower}`, {config.embed_dim}-d, trained with {negatives}, "
+        f"model card {card}. "
         f"Index: {len(artifacts.image_embeddings):,} images, {len(artifacts.text_embeddings):,} captions. "
         f"Test Recall@1/5/10: text→image {test['t2i_R@1']:.1f} / {test['t2i_R@5']:.1f} / {test['t2i_R@10']:.1f}, "
         f"image→text {test['i2t_R@1']:.1f} / {test['i2t_R@5']:.1f} / {test['i2t_R@10']:.1f}."

@@ -1,7 +1,10 @@
 """A procedurally drawn image-caption dataset in exactly the Flickr30k schema.
 
 Each image is one coloured shape on a coloured background; three of its five captions name the shape, its colour,
-size, position and the background colour, two describe only the figure or only the background. A small model can
+size, position and the background colour, two describe only the figure or only the background. Optionally a share
+of the images show two figures (``--pairs``), every caption naming both, and the test split can be Winoground-style
+twins (``--twins``): a two-figure picture beside one with the same figures' colours or places exchanged, whose
+captions hold the same words in another order (docs/architecture.md, "Twins"). A small model can
 therefore learn the task from scratch in minutes, which makes this the dataset for tests, the offline demo and
 benchmarks: the whole pipeline runs without downloading anything, and retrieval quality on it is meaningful (a
 broken model scores near chance, a working one near perfect).
@@ -23,9 +26,15 @@ from typing import Literal
 import datasets
 import numpy as np
 
-from crossmodal.synthetic.captions import UNSEEN_WORDS, scene_captions
-from crossmodal.synthetic.drawing import Layout, render, sample_layout
-from crossmodal.synthetic.scenes import Scene, sample_scenes
+from crossmodal.synthetic.captions import (
+    TRAINING_WORDS,
+    UNSEEN_VOCABULARIES,
+    Vocabulary,
+    pair_captions,
+    scene_captions,
+)
+from crossmodal.synthetic.drawing import Layout, render, render_pair, sample_layout, sample_pair_layouts
+from crossmodal.synthetic.scenes import TWIN_KINDS, PairScene, Scene, sample_pair_scenes, sample_scenes, twin_of
 
 SPLITS = ("train", "val", "test")
 
@@ -44,10 +53,11 @@ FEATURES = datasets.Features(
 class Example:
     """One generated row before it becomes a datasets row."""
 
-    scene: Scene
-    layout: Layout
+    scene: Scene | PairScene
+    layout: Layout | tuple[Layout, Layout]
     jpeg: bytes
     captions: tuple[str, ...]
+    caption_seed: int | None = None  # a two-figure scene's (captions.pair_captions), to caption it again
 
 
 def sample_captions(num_images: int, seed: int = 0) -> list[tuple[str, ...]]:
@@ -64,21 +74,63 @@ def _split_rng(seed: int, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(split)])
 
 
-def _generate_split(n: int, split: str, image_size: tuple[int, int], seed: int) -> list[Example]:
+def _pair_example(scene: PairScene, image_size: tuple[int, int], rng: np.random.Generator) -> Example:
+    layouts = sample_pair_layouts(scene, image_size, rng)
+    caption_seed = int(rng.integers(2**63))
+    return Example(
+        scene, layouts, render_pair(scene, layouts, image_size, rng), pair_captions(scene, caption_seed), caption_seed
+    )
+
+
+def _generate_split(
+    n: int, split: str, image_size: tuple[int, int], seed: int, pair_fraction: float = 0.0
+) -> list[Example]:
+    """n images: one-figure scenes, then (``pair_fraction`` of n) two-figure scenes from a stream of their own, so
+    the one-figure rows are those of a split without pairs, cut short."""
     rng = _split_rng(seed, split)
+    pairs = round(n * pair_fraction)
     examples = []
-    for scene in sample_scenes(n, rng):
+    for scene in sample_scenes(n - pairs, rng):
         layout = sample_layout(scene, image_size, rng)
         jpeg = render(scene, layout, image_size, rng)
         examples.append(Example(scene, layout, jpeg, scene_captions(scene, rng)))
+    pair_rng = np.random.default_rng([seed, SPLITS.index(split), 2])
+    examples += [_pair_example(scene, image_size, pair_rng) for scene in sample_pair_scenes(pairs, pair_rng)]
     return examples
 
 
-def in_unseen_words(examples: list[Example], seed: int) -> list[Example]:
-    """The same images, captioned again in words no training caption uses (synthetic_captions.UNSEEN_WORDS), from a
-    stream of their own, so the pictures stay those of the ordinary split and only the words differ."""
-    rng = np.random.default_rng([seed, len(SPLITS), 1])
-    return [dataclasses.replace(ex, captions=scene_captions(ex.scene, rng, UNSEEN_WORDS)) for ex in examples]
+def generate_twins(
+    num_pairs: int, image_size: tuple[int, int] = (96, 96), seed: int = 0, words: Vocabulary = TRAINING_WORDS
+) -> list[Example]:
+    """Winoground-style twins: rows 2i and 2i+1 are a two-figure scene and its twin (colours exchanged for even i,
+    places for odd i), drawn apart; caption j of one holds the words of caption j of the other in another order."""
+    rng = np.random.default_rng([seed, len(SPLITS), 3])
+    examples = []
+    for i, scene in enumerate(sample_pair_scenes(num_pairs, rng)):
+        twin = twin_of(scene, TWIN_KINDS[i % len(TWIN_KINDS)])
+        first = _pair_example(scene, image_size, rng)
+        second = dataclasses.replace(_pair_example(twin, image_size, rng), caption_seed=first.caption_seed)
+        examples += [_recaptioned(first, words), _recaptioned(second, words)]
+    return examples
+
+
+def _recaptioned(example: Example, words: Vocabulary) -> Example:
+    return dataclasses.replace(example, captions=pair_captions(example.scene, example.caption_seed, words))
+
+
+def in_unseen_words(examples: list[Example], seed: int, vocabulary: str = "first") -> list[Example]:
+    """The same images, captioned again in words no training caption uses (captions.UNSEEN_VOCABULARIES: "first"
+    to choose recipes on, "second" to report the chosen one on), from a stream of their own, so the pictures stay
+    those of the ordinary split and only the words differ. A two-figure scene keeps its caption seed, so twins stay
+    twins in the new words."""
+    words = UNSEEN_VOCABULARIES[vocabulary]
+    rng = np.random.default_rng([seed, len(SPLITS), 1 + list(UNSEEN_VOCABULARIES).index(vocabulary)])
+    return [
+        _recaptioned(ex, words)
+        if isinstance(ex.scene, PairScene)
+        else dataclasses.replace(ex, captions=scene_captions(ex.scene, rng, words))
+        for ex in examples
+    ]
 
 
 def generate_examples(
@@ -87,17 +139,24 @@ def generate_examples(
     num_test: int,
     image_size: tuple[int, int],
     seed: int,
-    unseen_test_words: bool = False,
+    unseen_test_words: bool | str = False,
+    pair_fraction: float = 0.0,
+    twins: int = 0,
 ) -> dict[str, list[Example]]:
     """The rows of `generate` with their attributes and layouts, which the dataset itself does not carry."""
-    if min(num_train, num_val, num_test) < 0:
+    if min(num_train, num_val, num_test, twins) < 0:
         raise ValueError("split sizes must be non-negative")
+    if not 0.0 <= pair_fraction <= 1.0:
+        raise ValueError(f"pair_fraction {pair_fraction} must be between 0 and 1")
     if min(image_size) < 16:
         raise ValueError(f"image_size {image_size} is too small to draw recognisable shapes (minimum 16x16)")
     counts = dict(zip(SPLITS, (num_train, num_val, num_test), strict=True))
-    examples = {split: _generate_split(n, split, image_size, seed) for split, n in counts.items()}
+    examples = {split: _generate_split(n, split, image_size, seed, pair_fraction) for split, n in counts.items()}
+    if twins:
+        examples["test"] = generate_twins(twins, image_size, seed)
     if unseen_test_words:
-        examples["test"] = in_unseen_words(examples["test"], seed)
+        vocabulary = "first" if unseen_test_words is True else unseen_test_words
+        examples["test"] = in_unseen_words(examples["test"], seed, vocabulary)
     return examples
 
 
@@ -120,15 +179,22 @@ def generate(
     num_test: int = 100,
     image_size: tuple[int, int] = (96, 96),
     seed: int = 0,
-    unseen_test_words: bool = False,
+    unseen_test_words: bool | str = False,
+    pair_fraction: float = 0.0,
+    twins: int = 0,
 ) -> datasets.DatasetDict:
     """Generate the dataset in the Flickr30k schema; the same arguments always give byte-identical rows.
 
     image_size is (width, height). img_id counts up from 0 through train, val and test, so ids and filenames are
     unique across the whole dataset, as they are in Flickr30k. ``unseen_test_words``: the test split's captions (not
-    its images) use synonyms that never occur in training or validation captions.
+    its images) use synonyms that never occur in training or validation captions (True or "first": the vocabulary
+    recipes are chosen on; "second": the one the chosen recipe is reported on). ``pair_fraction``: that share of
+    every split shows two figures (:func:`_generate_split`). ``twins``: the test split is that many twin pairs
+    instead (:func:`generate_twins`), and ``num_test`` is ignored.
     """
-    examples = generate_examples(num_train, num_val, num_test, image_size, seed, unseen_test_words)
+    examples = generate_examples(
+        num_train, num_val, num_test, image_size, seed, unseen_test_words, pair_fraction, twins
+    )
     splits = {}
     first_id = 0
     for split in SPLITS:
@@ -164,14 +230,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=("disk", "parquet"), default="disk", help="save_to_disk or Parquet files")
     parser.add_argument(
         "--unseen-test-words",
-        action="store_true",
-        help="caption the test images with colour, shape, size and background words no training caption uses",
+        nargs="?",
+        const="first",
+        default=False,
+        choices=("first", "second"),
+        help="caption the test images with colour, shape, size and background words no training caption uses: the"
+        " first unseen vocabulary (recipes are chosen on it) or the second (the chosen one is reported on it)",
+    )
+    parser.add_argument(
+        "--pairs", type=float, default=0.0, metavar="FRACTION", help="share of every split's images with two figures"
+    )
+    parser.add_argument(
+        "--twins",
+        type=int,
+        default=0,
+        metavar="N",
+        help="make the test split N twin pairs (two figures, then the same with colours or places exchanged)",
     )
     args = parser.parse_args(argv)
 
     image_size = (args.width, args.height)
-    dataset = generate(args.train, args.val, args.test, image_size, args.seed, args.unseen_test_words)
+    dataset = generate(
+        args.train, args.val, args.test, image_size, args.seed, args.unseen_test_words, args.pairs, args.twins
+    )
     out_dir = save(dataset, args.out, fmt=args.format)
     counts = ", ".join(f"{split}={len(rows)}" for split, rows in dataset.items())
-    size = f"{args.width}x{args.height}" + ("; test captions in unseen words" if args.unseen_test_words else "")
+    size = f"{args.width}x{args.height}" + (
+        f"; test captions in the {args.unseen_test_words} unseen words" if args.unseen_test_words else ""
+    )
+    size += f"; {args.pairs:.0%} two-figure scenes" if args.pairs else ""
+    size += f"; test split: {args.twins} twin pairs" if args.twins else ""
     print(f"wrote synthetic dataset ({counts}; {size}, seed {args.seed}) as {args.format} to {out_dir}")

@@ -1,9 +1,11 @@
-"""Drawing a scene: one coloured shape on a textured background, with the nuisance variation no caption mentions
-(position and size jitter, colour shades, background texture, a little pixel noise, small rotations), as a JPEG.
+"""Drawing a scene: one coloured shape (or two, :func:`render_pair`) on a textured background, with the nuisance
+variation no caption mentions (position and size jitter, colour shades, background texture, a little pixel noise,
+small rotations), as a JPEG.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections.abc import Sequence
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from crossmodal.synthetic.scenes import PALETTE, Scene
+from crossmodal.synthetic.scenes import PALETTE, PairScene, Scene
 
 JPEG_QUALITY = 90
 
@@ -28,6 +30,7 @@ _POSITION_CENTRES = {
 }
 _SIZE_RADII = {"small": 0.13, "large": 0.22}
 _POSITION_JITTER = 0.03
+_PAIR_SPREAD = 0.05  # two figures stand this much farther out than one (sample_pair_layouts)
 _SIZE_JITTER = 0.1  # relative: small tops out at 0.143, large bottoms out at 0.198
 _MAX_ROTATION_DEG = 15.0
 _SHADE_JITTER = 18  # per channel, object and background
@@ -143,16 +146,55 @@ def _background(layout: Layout, image_size: tuple[int, int], rng: np.random.Gene
     return np.array(layout.background_rgb, dtype=np.float32) + brightness[:, :, None]
 
 
-def render(scene: Scene, layout: Layout, image_size: tuple[int, int], rng: np.random.Generator) -> bytes:
-    """Draw the scene and encode it as JPEG bytes, as Flickr30k stores its images."""
-    background = _background(layout, image_size, rng)
-    mask = _shape_mask(scene.shape, layout, image_size)[:, :, None]
-    pixels = background * (1 - mask) + np.array(layout.colour_rgb, dtype=np.float32) * mask
+def sample_pair_layouts(
+    scene: PairScene, image_size: tuple[int, int], rng: np.random.Generator
+) -> tuple[Layout, Layout]:
+    """One small figure's layout per figure, on one background shade. Each stands _PAIR_SPREAD farther out than a
+    lone figure's place, so the two never touch: centres at least 0.40 of the image apart with jitter, each figure
+    at most 0.157 from its centre (a star's tips)."""
+    width, height = image_size
+    background_rgb = _jitter_rgb(PALETTE[scene.background], rng)
+    layouts = []
+    for figure in scene.figures:
+        single = Scene(figure.shape, figure.colour, scene.background, figure.position, "small")
+        layout = sample_layout(single, image_size, rng)
+        dx, dy = (_POSITION_CENTRES[figure.position][axis] - 0.5 for axis in (0, 1))
+        layouts.append(
+            dataclasses.replace(
+                layout,
+                cx=layout.cx + math.copysign(_PAIR_SPREAD, dx) * width * (dx != 0),
+                cy=layout.cy + math.copysign(_PAIR_SPREAD, dy) * height * (dy != 0),
+                background_rgb=background_rgb,
+            )
+        )
+    return layouts[0], layouts[1]
+
+
+def _draw(figures: Sequence[tuple[str, Layout]], image_size: tuple[int, int], rng: np.random.Generator) -> bytes:
+    """The figures (shape, layout) over the first one's background, with pixel noise, as JPEG bytes."""
+    pixels = _background(figures[0][1], image_size, rng)
+    for shape, layout in figures:
+        mask = _shape_mask(shape, layout, image_size)[:, :, None]
+        pixels = pixels * (1 - mask) + np.array(layout.colour_rgb, dtype=np.float32) * mask
     pixels += _PIXEL_NOISE_STD * rng.standard_normal(size=pixels.shape, dtype=np.float32)
     image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
+
+
+def render(scene: Scene, layout: Layout, image_size: tuple[int, int], rng: np.random.Generator) -> bytes:
+    """Draw the scene and encode it as JPEG bytes, as Flickr30k stores its images."""
+    return _draw([(scene.shape, layout)], image_size, rng)
+
+
+def render_pair(
+    scene: PairScene, layouts: tuple[Layout, Layout], image_size: tuple[int, int], rng: np.random.Generator
+) -> bytes:
+    """Draw a two-figure scene as JPEG bytes."""
+    return _draw(
+        [(figure.shape, layout) for figure, layout in zip(scene.figures, layouts, strict=True)], image_size, rng
+    )
 
 
 def object_probe(scene: Scene, layout: Layout) -> tuple[int, int]:

@@ -61,3 +61,70 @@ def sample_scenes(n: int, rng: np.random.Generator) -> list[Scene]:
     while len(order) < n:
         order.extend(rng.permutation(len(pool)).tolist())
     return [pool[i] for i in order[:n]]
+
+
+# ---------------------------------------------------------------- two figures, and their twins
+
+# Two figures stand on opposite sides, both small, so they never touch (docs/architecture.md, "Twins").
+PAIR_PLACES = (("left", "right"), ("top", "bottom"))
+TWIN_KINDS = ("colour", "place")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of a two-figure scene."""
+
+    shape: str
+    colour: str
+    position: str
+
+
+@dataclass(frozen=True)
+class PairScene:
+    """Two figures of different shape and colour on opposite sides of one background: the scene whose twin
+    (:func:`twin_of`) has the same words in another order."""
+
+    figures: tuple[Figure, Figure]
+    background: str
+
+
+def _contrasts(colour: str, background: str) -> bool:
+    return colour != background and frozenset((colour, background)) not in LOW_CONTRAST_PAIRS
+
+
+def sample_pair_scenes(n: int, rng: np.random.Generator) -> list[PairScene]:
+    """Draw n two-figure scenes: shapes differ, colours differ, and both stand out from the background."""
+    scenes = []
+    while len(scenes) < n:
+        shapes = rng.choice(len(SHAPES), size=2, replace=False)
+        colours = rng.choice(len(COLOURS), size=2, replace=False)
+        places = PAIR_PLACES[int(rng.integers(len(PAIR_PLACES)))]
+        if rng.random() < 0.5:
+            places = places[::-1]
+        background = COLOURS[int(rng.integers(len(COLOURS)))]
+        if not all(_contrasts(COLOURS[c], background) for c in colours):
+            continue
+        figures = tuple(
+            Figure(SHAPES[s], COLOURS[c], place) for s, c, place in zip(shapes, colours, places, strict=True)
+        )
+        scenes.append(PairScene(figures, background))
+    return scenes
+
+
+def twin_of(scene: PairScene, kind: str) -> PairScene:
+    """The same two figures with their colours exchanged ("colour") or their places exchanged ("place"): every
+    caption of the twin uses the words of the scene's caption, in another order."""
+    first, second = scene.figures
+    if kind == "colour":
+        swapped = (
+            Figure(first.shape, second.colour, first.position),
+            Figure(second.shape, first.colour, second.position),
+        )
+    elif kind == "place":
+        swapped = (
+            Figure(first.shape, first.colour, second.position),
+            Figure(second.shape, second.colour, first.position),
+        )
+    else:
+        raise ValueError(f"unknown twin kind {kind!r}; expected one of {TWIN_KINDS}")
+    return PairScene(swapped, scene.background)

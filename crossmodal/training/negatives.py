@@ -8,7 +8,8 @@ Flickr30k's captions ("a man in a red shirt and a woman in a blue dress") as on 
 caption false by construction:
 
 - **swap**: two different colour words of two different noun phrases exchanged ("red shirt ... blue dress" ->
-  "blue shirt ... red dress"). Two colours of one phrase ("a red and white bus") are not swapped: that is still true.
+  "blue shirt ... red dress"), or two opposite sides ("a man on the left and a woman on the right" -> "... on the
+  right ... on the left"). Two colours of one phrase ("a red and white bus") are not swapped: that is still true.
 - **colour**: one colour word replaced by a colour the caption does not name.
 - **number**: one number word replaced by another ("two dogs" -> "three dogs").
 - **side**: a side or place replaced by its opposite ("on the left" -> "on the right", "above" -> "below").
@@ -69,17 +70,22 @@ def _replace(caption: str, span: tuple[int, int], word: str) -> str:
 
 
 def _swaps(caption: str, words: list[re.Match]) -> list[str]:
-    """Two colours of two noun phrases exchanged (a determiner between them starts the second phrase)."""
+    """Two colours, or two opposite sides, of two noun phrases exchanged (a determiner between them starts the
+    second phrase): "a red circle on the left and a blue square on the right" -> "a blue circle ... a red square",
+    and -> "... on the right and ... on the left"."""
     found = []
-    colours = [i for i, m in enumerate(words) if m.group().lower() in COLOURS]
-    for a, b in itertools.pairwise(colours):
-        first, second = words[a], words[b]
-        if _colour(first.group().lower()) == _colour(second.group().lower()):
-            continue
-        if not any(m.group().lower() in DETERMINERS for m in words[a + 1 : b]):
-            continue  # one phrase: "a red and white bus"
-        swapped = _replace(caption, second.span(), first.group().lower())
-        found.append(_replace(swapped, first.span(), second.group().lower()))
+    for kind in (COLOURS, OPPOSITE_SIDES):
+        named = [i for i, m in enumerate(words) if m.group().lower() in kind and not _in_on_top_of(caption, m)]
+        for a, b in itertools.pairwise(named):
+            first, second = words[a].group().lower(), words[b].group().lower()
+            if kind is COLOURS and _colour(first) == _colour(second):
+                continue
+            if kind is OPPOSITE_SIDES and OPPOSITE_SIDES[first] != second:
+                continue  # "at the top ... on the left": exchanged, the places would not read
+            if not any(m.group().lower() in DETERMINERS for m in words[a + 1 : b]):
+                continue  # one phrase: "a red and white bus"
+            swapped = _replace(caption, words[b].span(), first)
+            found.append(_replace(swapped, words[a].span(), second))
     return found
 
 

@@ -45,12 +45,16 @@ class Scene:
     size: str
 
 
+def _contrasts(colour: str, background: str) -> bool:
+    return colour != background and frozenset((colour, background)) not in LOW_CONTRAST_PAIRS
+
+
 def all_scenes() -> list[Scene]:
     """Every allowed attribute combination, in a fixed order (the sampling pool)."""
     return [
         Scene(shape, colour, background, position, size)
         for shape, colour, background, position, size in itertools.product(SHAPES, COLOURS, COLOURS, POSITIONS, SIZES)
-        if colour != background and frozenset((colour, background)) not in LOW_CONTRAST_PAIRS
+        if _contrasts(colour, background)
     ]
 
 
@@ -86,10 +90,6 @@ class PairScene:
 
     figures: tuple[Figure, Figure]
     background: str
-
-
-def _contrasts(colour: str, background: str) -> bool:
-    return colour != background and frozenset((colour, background)) not in LOW_CONTRAST_PAIRS
 
 
 def sample_pair_scenes(n: int, rng: np.random.Generator) -> list[PairScene]:

@@ -143,11 +143,13 @@ def _relation_swaps(caption: str) -> list[str]:
     return found
 
 
-def all_negatives(caption: str) -> list[str]:
-    """Every false near-copy of ``caption`` the lexicon can make, distinct and in a fixed order; [] when the
-    caption names nothing the lexicon knows."""
+def _candidates(caption: str) -> tuple[list[str], list[str]]:
+    """The exchanges (every word of the caption still there: the hardest) and the word edits, in a fixed order."""
     words = list(_WORD.finditer(caption))
-    candidates = _swaps(caption, words) + _relation_swaps(caption) + _word_edits(caption, words)
+    return _swaps(caption, words) + _relation_swaps(caption), _word_edits(caption, words)
+
+
+def _distinct(caption: str, candidates: list[str]) -> list[str]:
     seen = {caption.lower()}
     distinct = []
     for negative in candidates:
@@ -157,15 +159,21 @@ def all_negatives(caption: str) -> list[str]:
     return distinct
 
 
+def all_negatives(caption: str) -> list[str]:
+    """Every false near-copy of ``caption`` the lexicon can make, distinct and in a fixed order; [] when the
+    caption names nothing the lexicon knows."""
+    exchanges, edits = _candidates(caption)
+    return _distinct(caption, exchanges + edits)
+
+
 def caption_negatives(caption: str, count: int, seed: int) -> list[str]:
-    """Up to ``count`` of :func:`all_negatives`, chosen by (seed, caption): swaps and relation swaps first (the
-    hardest: every word of the caption is still there), then word edits drawn at random."""
+    """Up to ``count`` of :func:`all_negatives`, chosen by (seed, caption): exchanges first (the hardest: every
+    word of the caption is still there), then word edits drawn at random."""
     if count <= 0:
         return []
-    words = list(_WORD.finditer(caption))
-    hardest = _swaps(caption, words) + _relation_swaps(caption)
-    candidates = all_negatives(caption)
-    first = [n for n in candidates if n in hardest][:count]
+    exchanges, edits = _candidates(caption)
+    candidates = _distinct(caption, exchanges + edits)
+    first = [n for n in candidates if n in exchanges][:count]
     rest = [n for n in candidates if n not in first]
     digest = hashlib.sha256(f"{seed}\0{caption}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))

@@ -10,13 +10,14 @@ import torch
 from PIL import Image
 
 from benchmarks import twins as twins_benchmark
+from benchmarks.binding_probe import Probe, labels_of
 from crossmodal.artifacts.contract import encode_thumbnails, load_verified
 from crossmodal.encoding.batches import CaptionBatcher
 from crossmodal.encoding.metrics import twin_scores
 from crossmodal.synthetic import dataset as synthetic
 from crossmodal.synthetic.captions import TRAINING_WORDS, UNSEEN_WORDS
 from crossmodal.synthetic.drawing import object_probe
-from crossmodal.synthetic.scenes import PALETTE, PairScene, Scene
+from crossmodal.synthetic.scenes import PALETTE, PairScene, Scene, sample_pair_scenes, twin_of
 from tests.test_synthetic import attribute_words
 
 TWIN_PAIRS = 12
@@ -149,3 +150,20 @@ def test_the_benchmark_lines_up_each_twin_with_its_own_pictures_and_captions(tin
                 assert torch.allclose(captions[pair, slot, j], loaded.model.encode_text(**tokens)[0], atol=1e-4)
     scores = twins_benchmark.score_artifact(tiny_run, pairs=3, seed=5, words="training")
     assert set(twins_benchmark.COLUMNS) <= set(scores)
+
+
+def test_binding_probe_labels_tell_a_scene_from_its_twins_and_probes_ignore_padding():
+    """benchmarks/binding_probe.py: the labels a probe learns are what a twin changes, and neither probe reads the
+    padding a longer caption in the batch adds."""
+    scene = sample_pair_scenes(1, np.random.default_rng(0))[0]
+    colours, places = labels_of(scene)
+    assert labels_of(twin_of(scene, "colour"))[0] != colours and labels_of(twin_of(scene, "colour"))[1] == places
+    assert labels_of(twin_of(scene, "place"))[0] == colours and labels_of(twin_of(scene, "place"))[1] != places
+    torch.manual_seed(0)
+    states, mask = torch.randn(3, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]).bool()
+    padded_states = torch.cat([states, torch.randn(3, 2, 16)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(3, 2, dtype=torch.bool)], dim=1)
+    for queries in (0, 2):
+        probe = Probe(16, queries, hidden=8).eval()
+        for plain, padded in zip(probe(states, mask), probe(padded_states, padded_mask), strict=True):
+            torch.testing.assert_close(plain, padded)

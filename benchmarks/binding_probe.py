@@ -1,0 +1,155 @@
+"""Where the locked text tower keeps binding: its pooled vector, or its token states? (issue 38, second approach)
+
+    python -m benchmarks.binding_probe
+
+The demo's text tower (the pinned all-MiniLM-L6-v2) is locked; today a head reads its mean-pooled vector. This probe
+asks, text alone, whether "which colour and place goes with which shape" can be read back from the locked tower at
+all, and from which of its outputs: captions of generated two-figure scenes (crossmodal/synthetic, ``pair_captions``)
+are encoded once, and two probes of the same width learn, for every shape, the colour and the place the caption gives
+it (or that it is absent):
+
+- ``mean``: an MLP on the mean-pooled vector the demo's head reads today;
+- ``attention``: learned queries attending over the locked token states (attention pooling), then the same MLP.
+
+They are scored on captions of held-out scenes and of their twins (the same words in another order, colours or places
+exchanged, ``twin_of``): a caption is read right when both its figures' colour and place are, and a twin pair when
+both captions are (a reader of the words alone, blind to their order, gets at most half of the twin pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossmodal.config import PRESETS
+from crossmodal.model.dual_encoder import build_text_tower, tokenize
+from crossmodal.model.pinned_text import pin_text_tower
+from crossmodal.model.tokenizer import load_tokenizer
+from crossmodal.synthetic.captions import CAPTIONS_PER_IMAGE, pair_captions
+from crossmodal.synthetic.scenes import COLOURS, PAIR_PLACES, SHAPES, PairScene, sample_pair_scenes, twin_of
+
+PLACES = tuple(place for pair in PAIR_PLACES for place in pair)
+
+
+def labels_of(scene: PairScene) -> tuple[list[int], list[int]]:
+    """Per shape, its colour and its place index, or the last class (absent)."""
+    colours, places = [len(COLOURS)] * len(SHAPES), [len(PLACES)] * len(SHAPES)
+    for figure in scene.figures:
+        colours[SHAPES.index(figure.shape)] = COLOURS.index(figure.colour)
+        places[SHAPES.index(figure.shape)] = PLACES.index(figure.position)
+    return colours, places
+
+
+@torch.inference_mode()
+def token_states(captions: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The locked tower's last hidden states [N, T, H] (padded to the longest caption) and their mask [N, T]."""
+    config = pin_text_tower(PRESETS["demo"].model)
+    tokenizer = load_tokenizer(config.text_tower, config.text_revision)
+    tower = build_text_tower(config, tokenizer, pretrained=True).eval()
+    encoded = tokenize(tokenizer, captions, config)  # one padding for all, so batches stack
+    states = [
+        tower(input_ids=encoded["input_ids"][i : i + batch_size], attention_mask=mask).last_hidden_state
+        for i in range(0, len(captions), batch_size)
+        for mask in [encoded["attention_mask"][i : i + batch_size]]
+    ]
+    return torch.cat(states), encoded["attention_mask"].bool()
+
+
+class Probe(nn.Module):
+    """Tower output -> per shape, colour logits and place logits. ``queries`` 0 reads the masked mean."""
+
+    def __init__(self, width: int, queries: int, hidden: int = 512) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(queries, width) * width**-0.5) if queries else None
+        self.attend = nn.MultiheadAttention(width, 4, batch_first=True) if queries else None
+        inputs = width * max(queries, 1)
+        classes = len(SHAPES) * (len(COLOURS) + 1 + len(PLACES) + 1)
+        self.mlp = nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, classes))
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.queries is None:
+            weights = mask.unsqueeze(-1).float()
+            pooled = (states * weights).sum(1) / weights.sum(1)
+        else:
+            queries = self.queries.expand(len(states), -1, -1)
+            pooled = self.attend(queries, states, states, key_padding_mask=~mask, need_weights=False)[0].flatten(1)
+        logits = self.mlp(pooled).view(len(states), len(SHAPES), -1)
+        return logits[..., : len(COLOURS) + 1], logits[..., len(COLOURS) + 1 :]
+
+
+def fit(probe: Probe, states, mask, colours, places, epochs: int, seed: int) -> Probe:
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.01)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(states), generator=generator).split(128):
+            colour_logits, place_logits = probe(states[batch], mask[batch])
+            loss = F.cross_entropy(colour_logits.flatten(0, 1), colours[batch].flatten()) + F.cross_entropy(
+                place_logits.flatten(0, 1), places[batch].flatten()
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return probe
+
+
+@torch.inference_mode()
+def read_right(probe: Probe, states, mask, colours, places) -> torch.Tensor:
+    """[N] bool: every shape's colour and place (present or absent) read right."""
+    colour_logits, place_logits = probe.eval()(states, mask)
+    return ((colour_logits.argmax(-1) == colours) & (place_logits.argmax(-1) == places)).all(-1)
+
+
+def captioned(scenes: list[PairScene], seeds: list[int]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    captions, colours, places = [], [], []
+    for scene, seed in zip(scenes, seeds, strict=True):
+        scene_colours, scene_places = labels_of(scene)
+        for caption in pair_captions(scene, seed):
+            captions.append(caption)
+            colours.append(scene_colours)
+            places.append(scene_places)
+    return captions, torch.tensor(colours), torch.tensor(places)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-scenes", type=int, default=2000)
+    parser.add_argument("--test-pairs", type=int, default=300, help="held-out scenes, each with a twin")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--queries", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    train_scenes = sample_pair_scenes(args.train_scenes, rng)
+    held_out = sample_pair_scenes(args.test_pairs, rng)
+    kinds = ["colour" if i % 2 == 0 else "place" for i in range(len(held_out))]
+    twins = [twin_of(scene, kind) for scene, kind in zip(held_out, kinds, strict=True)]
+    seeds = [int(s) for s in rng.integers(2**31, size=args.train_scenes + args.test_pairs)]
+    train_text, train_colours, train_places = captioned(train_scenes, seeds[: args.train_scenes])
+    test_seeds = seeds[args.train_scenes :]  # a scene and its twin share a seed: the same words, reordered
+    test_text, test_colours, test_places = captioned(held_out + twins, test_seeds + test_seeds)
+    states, mask = token_states(train_text + test_text)
+    train, test = slice(0, len(train_text)), slice(len(train_text), None)
+    print(f"{len(train_text)} training captions, {len(test_text)} held-out (half of them twins); tower output "
+          f"{tuple(states.shape)}")  # fmt: skip
+    print("| probe | training captions read right | held-out captions | held-out twin pairs (colour, place) |")
+    print("|---|---|---|---|")
+    per_scene = CAPTIONS_PER_IMAGE * args.test_pairs
+    for name, queries in (("mean", 0), ("attention", args.queries)):
+        probe = fit(Probe(states.shape[-1], queries), states[train], mask[train], train_colours, train_places,
+                    args.epochs, args.seed)  # fmt: skip
+        seen = read_right(probe, states[train], mask[train], train_colours, train_places).float().mean()
+        right = read_right(probe, states[test], mask[test], test_colours, test_places)
+        pairs = right[:per_scene] & right[per_scene:]  # caption i of a scene and caption i of its twin
+        by_scene = pairs.view(args.test_pairs, CAPTIONS_PER_IMAGE).float()  # held_out alternates colour, place
+        colour, place = by_scene[0::2].mean(), by_scene[1::2].mean()
+        print(f"| {name} | {100 * seen:.1f} | {100 * right.float().mean():.1f} | "
+              f"{100 * pairs.float().mean():.1f} ({100 * colour:.1f}, {100 * place:.1f}) |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -51,11 +51,11 @@ def token_states(captions: list[str], batch_size: int = 256) -> tuple[torch.Tens
     tokenizer = load_tokenizer(config.text_tower, config.text_revision)
     tower = build_text_tower(config, tokenizer, pretrained=True).eval()
     encoded = tokenize(tokenizer, captions, config)  # one padding for all, so batches stack
-    states = [
-        tower(input_ids=encoded["input_ids"][i : i + batch_size], attention_mask=mask).last_hidden_state
-        for i in range(0, len(captions), batch_size)
-        for mask in [encoded["attention_mask"][i : i + batch_size]]
-    ]
+    states = []
+    for start in range(0, len(captions), batch_size):
+        rows = slice(start, start + batch_size)
+        output = tower(input_ids=encoded["input_ids"][rows], attention_mask=encoded["attention_mask"][rows])
+        states.append(output.last_hidden_state)
     return torch.cat(states), encoded["attention_mask"].bool()
 
 

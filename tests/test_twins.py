@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import BertConfig, BertModel
 
 from benchmarks import twins as twins_benchmark
-from benchmarks.binding_probe import Probe, labels_of
+from benchmarks.binding_probe import Probe, TunedLayers, labels_of
 from crossmodal.artifacts.contract import encode_thumbnails, load_verified
 from crossmodal.encoding.batches import CaptionBatcher
 from crossmodal.encoding.metrics import twin_scores
@@ -167,3 +168,17 @@ def test_binding_probe_labels_tell_a_scene_from_its_twins_and_probes_ignore_padd
         probe = Probe(16, queries, hidden=8).eval()
         for plain, padded in zip(probe(states, mask), probe(padded_states, padded_mask), strict=True):
             torch.testing.assert_close(plain, padded)
+
+
+def test_the_probes_tuned_layers_are_the_towers_own_top_layers():
+    """benchmarks/binding_probe.py's fine-tune starts from the tower itself: its copied top layers, run on the states
+    of the layers below, give the tower's own output on the real tokens."""
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=32)  # fmt: skip
+    tower = BertModel(config, add_pooling_layer=False).eval()
+    input_ids = torch.tensor([[1, 5, 7, 2, 0, 0], [1, 9, 8, 6, 4, 2]])
+    mask = input_ids != 0
+    with torch.no_grad():
+        output = tower(input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True)
+        tuned = TunedLayers(list(tower.encoder.layer[-2:])).eval()(output.hidden_states[-3], mask)
+    torch.testing.assert_close(tuned[mask], output.last_hidden_state[mask])

@@ -13,6 +13,8 @@ The captions never mention the nuisance variation (position and size jitter, col
 little pixel noise, small rotations), so the model has to generalise across it rather than memorise pixels.
 
     python -m crossmodal synthetic --out data/synthetic --train 1000 --val 100 --test 100
+
+``--format webdataset`` writes the training pictures as shards instead (crossmodal/synthetic/shards.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from crossmodal.synthetic.captions import (
 )
 from crossmodal.synthetic.drawing import Layout, render, render_pair, sample_layout, sample_pair_layouts
 from crossmodal.synthetic.scenes import TWIN_KINDS, PairScene, Scene, sample_pair_scenes, sample_scenes, twin_of
+from crossmodal.synthetic.shards import write_webdataset
 
 SPLITS = ("train", "val", "test")
 
@@ -227,7 +230,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=96, help="image width in pixels")
     parser.add_argument("--height", type=int, default=96, help="image height in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--format", choices=("disk", "parquet"), default="disk", help="save_to_disk or Parquet files")
+    parser.add_argument(
+        "--format",
+        choices=("disk", "parquet", "webdataset"),
+        default="disk",
+        help="save_to_disk, Parquet files, or webdataset shards in img2dataset's layout (--train pictures, one caption"
+        " each, for --train-data; --val and --test are not written: generate them as a dataset of their own)",
+    )
+    parser.add_argument("--shard-size", type=int, default=10_000, help="pictures per webdataset shard")
     parser.add_argument(
         "--unseen-test-words",
         nargs="?",
@@ -250,6 +260,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     image_size = (args.width, args.height)
+    if args.format == "webdataset":
+        if args.twins or args.unseen_test_words:
+            parser.error("--twins and --unseen-test-words make a test split; webdataset shards hold training pairs")
+        paths = write_webdataset(args.out, args.train, args.shard_size, image_size, args.seed, args.pairs)
+        print(f"wrote {args.train} synthetic pairs ({args.width}x{args.height}, seed {args.seed}) as {len(paths)}"
+              f" webdataset shards to {args.out}: {paths[0].name} .. {paths[-1].name}")  # fmt: skip
+        return
     dataset = generate(
         args.train, args.val, args.test, image_size, args.seed, args.unseen_test_words, args.pairs, args.twins
     )

@@ -70,11 +70,23 @@ def is_right(scene: Scene | PairScene, candidate: Candidate) -> bool:
     return isinstance(scene, Scene) and all(getattr(scene, name) == value for name, value in candidate.wants.items())
 
 
-def measure(url: str, artifacts: Path, scenes: dict[str, Scene | PairScene]) -> list[dict]:
+def shipped_candidates() -> tuple[Candidate, ...]:
+    """The page's own examples, each with what a right picture has; a shipped example no candidate judges is an
+    error, so the page cannot offer a query this benchmark never scored."""
+    by_text = {candidate.text: candidate for candidate in CANDIDATES}
+    unjudged = [text for text in PLAIN_DEMO_EXAMPLES if text not in by_text]
+    if unjudged:
+        raise KeyError(f"the page offers examples no candidate judges: {unjudged}")
+    return tuple(by_text[text] for text in PLAIN_DEMO_EXAMPLES)
+
+
+def measure(
+    url: str, artifacts: Path, scenes: dict[str, Scene | PairScene], candidates: tuple[Candidate, ...] = CANDIDATES
+) -> list[dict]:
     client = Client(url, verbose=False, download_files=False)
     indexed = pq.read_table(artifacts / "images.parquet", columns=["image_id"]).column("image_id").to_pylist()
     rows = []
-    for candidate in CANDIDATES:
+    for candidate in candidates:
         _, results = client.predict(candidate.text, TOP_K, api_name="/text_to_image")
         hits = sum(is_right(scenes[result["image_id"]], candidate) for result in results)
         ceiling = min(TOP_K, sum(is_right(scenes[image_id], candidate) for image_id in indexed))

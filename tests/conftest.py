@@ -36,6 +36,8 @@ import sklearn
 from gradio_client import Client
 from huggingface_hub import HfApi
 
+from benchmarks.example_queries import measure as measure_examples
+from benchmarks.example_queries import shipped_candidates
 from benchmarks.live_server import Server, free_port, start_app, wait_until_answering
 from benchmarks.short_queries import scenes_by_image_id, score_served
 from crossmodal.artifacts import hub
@@ -150,6 +152,7 @@ class DemoRun:
     exit_code: int  # after Ctrl-C
     log: str
     short_queries: dict[str, float]  # benchmarks/short_queries.py over the served demo
+    page_examples: list[dict]  # benchmarks/example_queries.py's rows for the page's own examples
     tiny_training: Background  # README's tiny command, started on the demo's data as soon as it was written
 
 
@@ -182,9 +185,10 @@ def demo_run(readme_sandbox, tmp_path_factory, request) -> DemoRun:
         client = Client(url, verbose=False, download_files=False)
         answer = [client.predict(caption, 10, api_name="/text_to_image")[1] for caption, _ in queries]
         short = score_served(url, artifacts, demo_scenes())  # while it serves: what people type
+        examples = measure_examples(url, artifacts, demo_scenes(), shipped_candidates())  # what the page offers
     finally:
         exit_code = Sandbox.ctrl_c(process) if process.poll() is None else process.returncode
-    return DemoRun(artifacts, url, answer, queries, exit_code, log.read_text(), short, tiny)
+    return DemoRun(artifacts, url, answer, queries, exit_code, log.read_text(), short, examples, tiny)
 
 
 def wait_for_output(log: Path, text: str, process: subprocess.Popen, timeout: float) -> None:

@@ -19,6 +19,7 @@ import torch
 from crossmodal.artifacts.export import write_artifacts
 from crossmodal.config import DEFAULT_DATASET, IMAGE_NORMALISATION, IMAGE_TOWERS, INITS, PRESETS
 from crossmodal.data.dataset import BadDataError, Corpus, DataSource, DataUnavailableError, SchemaError
+from crossmodal.data.shards import IMAGE_EXTENSIONS, Keys, ShardError
 from crossmodal.encoding.batches import loader_workers
 from crossmodal.encoding.embed import encode_corpus
 from crossmodal.model.wheels import PinnedFileError
@@ -37,6 +38,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--image-column", default="image", help="column holding the images")
     data.add_argument("--caption-column", default="caption", help="column holding each image's list of captions")
     data.add_argument("--val-split", default=None, help="name of the validation split (default: val or validation)")
+    stream = parser.add_argument_group('streamed training pairs (docs/architecture.md, "Streaming shards")')
+    stream.add_argument(
+        "--train-data",
+        default=None,
+        metavar="SPEC",
+        help="train on pairs streamed from webdataset or Parquet shards ('shards/{00000..00331}.tar', a glob, a "
+        "folder, 'a.tar::b.tar', hf://datasets/...); --dataset then supplies only val, test and the gallery",
+    )
+    stream.add_argument("--train-num-samples", type=int, default=None, help="an epoch's pairs (default: every shard's)")
+    stream.add_argument("--shuffle-buffer", type=int, help="samples each slot shuffles among (default 1000)")
+    stream.add_argument("--stream-slots", type=int, help="slots an epoch is cut into (default: processes x workers)")
+    stream.add_argument("--image-key", default=None, help="comma-separated image members (default jpg,jpeg,png,webp)")
+    stream.add_argument("--text-key", default="txt", help="the caption's member (default txt)")
+    stream.add_argument("--caption-key", default="caption", help="the caption in KEY.json, or the Parquet column")
     run = parser.add_argument_group("run")
     run.add_argument("--preset", choices=sorted(PRESETS), default="flickr30k")
     run.add_argument("--output-dir", type=Path, required=True)
@@ -102,8 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         model_config = dataclasses.replace(model_config, image_mean=mean, image_std=std)
     recipe = ["epochs", "batch_size", "lr", "seed", "grad_accum_steps", "num_workers", "checkpoint_every"]
     recipe += ["text_tower_lr_ratio", "lock_text_tower", "lock_image_tower", "caption_negatives", "hard_negative_beta"]
+    recipe += ["shuffle_buffer", "stream_slots"]
     train_config = dataclasses.replace(preset.train, **overrides(args, recipe))
-    source = DataSource(args.dataset, args.dataset_revision, args.image_column, args.caption_column, args.val_split)
+    image_keys = tuple(args.image_key.split(",")) if args.image_key else IMAGE_EXTENSIONS
+    source = DataSource(
+        args.dataset, args.dataset_revision, args.image_column, args.caption_column, args.val_split,
+        train_data=args.train_data, train_num_samples=args.train_num_samples,
+        keys=Keys(image_keys, args.text_key, args.caption_key),
+    )  # fmt: skip
     accelerator = make_accelerator(train_config, args.output_dir, args.mixed_precision, args.report_to)
 
     # 2. Train; the best epoch's weights come back, already evaluated on the test split.
@@ -117,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             max_steps=args.max_steps,
         )
-    except (SchemaError, BadDataError, DataUnavailableError, PinnedFileError) as error:
+    except (SchemaError, BadDataError, DataUnavailableError, PinnedFileError, ShardError) as error:
         accelerator.print(f"error: {error}")
         return 2
     except TrainingAborted as error:
@@ -152,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 "id": args.dataset,
                 "revision": args.dataset_revision,
                 "local": Path(args.dataset).exists(),
+                "train_data": args.train_data,  # streamed pairs: trained on, never in the gallery
                 "test_images": len(result.splits["test"]),
                 "num_images": len(corpus.rows),
                 "num_captions": len(corpus.captions),

@@ -176,6 +176,11 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the newest complete ones; older ones are deleted once a newer one is complete
     max_bad_steps: int = 5  # consecutive non-finite losses before the run aborts
     max_bad_row_fraction: float = 0.01  # undecodable images / empty captions tolerated before the run refuses to start
+    # Streamed training pairs (--train-data; training/streamed.py): webdataset's shuffle buffer per slot, and the
+    # slots an epoch's samples are cut into (None: processes x loader workers at the run's start). More slots than
+    # readers let a resumed run continue on another number of processes; the batch must divide by them.
+    shuffle_buffer: int = 1000
+    stream_slots: int | None = None
     thumbnail_size: int = 256  # longest side of the JPEG thumbnails shipped in images.parquet
     log_every: int = 10  # steps between tracker logs
 

@@ -25,8 +25,8 @@ from crossmodal.data.shards import (
     expand_shards,
     image_problem,
     read_shard,
-    stats_count,
 )
+from crossmodal.data.stream import shard_size, stats_count
 from crossmodal.synthetic.shards import shard_pairs, write_webdataset
 
 
@@ -37,7 +37,7 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-def test_shards_follow_img2datasets_layout(shards):
+def test_shards_follow_img2datasets_layout(shards, tmp_path):
     assert sorted(path.name for path in shards.iterdir()) == [
         f"0000{i}{suffix}" for i in range(3) for suffix in (".parquet", ".tar", "_stats.json")
     ]
@@ -45,6 +45,9 @@ def test_shards_follow_img2datasets_layout(shards):
         names = archive.getnames()
     assert names[:3] == ["000020.jpg", "000020.txt", "000020.json"]  # 10 a shard: one digit and len(names) == 15
     assert stats_count(str(shards / "00002.tar")) == 5
+    copy = tmp_path / "00002.tar"  # without its stats file, a tar is counted from its headers
+    copy.write_bytes((shards / "00002.tar").read_bytes())
+    assert stats_count(str(copy)) is None and shard_size(str(copy)) == 5
     metadata = pq.read_table(shards / "00000.parquet").to_pylist()
     assert [row["key"] for row in metadata] == [f"00000{i}" for i in range(10)]
     assert {row["status"] for row in metadata} == {"success"}

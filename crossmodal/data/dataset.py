@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from crossmodal.config import DEFAULT_DATASET
 from crossmodal.data.images import ImageDecodeError, decode_image, image_bytes
+from crossmodal.data.shards import Keys
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
@@ -44,6 +45,11 @@ class DataSource:
     image_column: str = "image"
     caption_column: str = "caption"
     val_split: str | None = None  # None: "val", else "validation"
+    # --train-data: training pairs streamed from shards (crossmodal/data/stream.py); the dataset then supplies only
+    # validation, test and the artifact's gallery, and may hold no train split.
+    train_data: str | None = None
+    train_num_samples: int | None = None
+    keys: Keys = field(default_factory=Keys)
 
     def describe(self) -> str:
         return f"{self.dataset}@{self.revision}" if self.revision else self.dataset
@@ -72,10 +78,13 @@ def load_splits(source: DataSource) -> datasets.DatasetDict:
     """Load ``source`` as a DatasetDict with exactly train/val/test and the schema's columns, images undecoded."""
     raw = _load_raw(source)
     raw = _rename_val_split(raw, source.val_split)
-    if not set(SPLITS) <= set(raw):
-        raw = _split_by_column(raw)
-    splits = datasets.DatasetDict({name: _normalise_columns(raw[name], name, source) for name in SPLITS})
-    return splits
+    required = SPLITS if source.train_data is None else ("val", "test")
+    if not set(required) <= set(raw):
+        raw = _split_by_column(raw, required)
+    splits = datasets.DatasetDict({name: _normalise_columns(raw[name], name, source) for name in SPLITS if name in raw})
+    if "train" not in splits:  # streamed training pairs: the gallery is validation and test
+        splits["train"] = splits["test"].select([])
+    return datasets.DatasetDict({name: splits[name] for name in SPLITS})
 
 
 def _load_raw(source: DataSource) -> datasets.DatasetDict:
@@ -111,7 +120,7 @@ def _rename_val_split(raw: datasets.DatasetDict, val_split: str | None) -> datas
     return datasets.DatasetDict({aliases.get(name, name): split for name, split in raw.items()})
 
 
-def _split_by_column(raw: datasets.DatasetDict) -> datasets.DatasetDict:
+def _split_by_column(raw: datasets.DatasetDict, required: tuple[str, ...] = SPLITS) -> datasets.DatasetDict:
     """One split holding every row with a ``split`` column (e.g. nlphuji/flickr30k's Parquet conversion)."""
     everything = datasets.concatenate_datasets(list(raw.values())) if len(raw) > 1 else next(iter(raw.values()))
     if "split" not in everything.column_names:
@@ -120,11 +129,15 @@ def _split_by_column(raw: datasets.DatasetDict) -> datasets.DatasetDict:
             "(use --val-split NAME if validation is called otherwise) or a 'split' column with train/val/test values"
         )
     values = everything.unique("split")
-    missing = [name for name in SPLITS if name not in values]
+    missing = [name for name in required if name not in values]
     if missing:
         raise SchemaError(f"the 'split' column has values {sorted(values)}; missing {missing}")
     return datasets.DatasetDict(
-        {name: everything.filter(lambda value, name=name: value == name, input_columns="split") for name in SPLITS}
+        {
+            name: everything.filter(lambda value, name=name: value == name, input_columns="split")
+            for name in SPLITS
+            if name in values
+        }
     )
 
 

@@ -62,6 +62,9 @@ class Keys:
     caption: str = "caption"  # the caption's key in KEY.json (when there is no KEY.txt), or its Parquet column
 
 
+DEFAULT_KEYS = Keys()
+
+
 # ---------------------------------------------------------------- which shards
 
 
@@ -141,17 +144,6 @@ def open_shard(shard: str) -> BinaryIO:
         return open(shard, "rb")
     except (OSError, ValueError) as error:  # FileNotFoundError, permissions, a Hub path that is not there
         raise ShardError(f"cannot open shard {shard}: {error}") from error
-
-
-def stats_count(shard: str) -> int | None:
-    """The samples img2dataset's ``NNNNN_stats.json`` beside a local tar says it holds (``successes``), if any."""
-    stats = Path(shard).with_name(Path(shard).stem + "_stats.json")
-    if shard.startswith(REMOTE_PREFIX) or not stats.is_file():
-        return None
-    try:
-        return int(json.loads(stats.read_text())["successes"])
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 # ---------------------------------------------------------------- samples

@@ -26,6 +26,7 @@ from crossmodal.training import checkpoint
 from crossmodal.training.loss import clip_loss
 from crossmodal.training.prepare import setup_run
 from crossmodal.training.state import Run, TrainingAborted, TrainingInterrupted, TrainResult
+from crossmodal.training.streamed import StreamLoader
 
 
 def train(
@@ -47,7 +48,9 @@ def train(
     while run.state.epoch < train_config.epochs and (max_steps is None or run.state.global_step < max_steps):
         started = time.perf_counter()
         losses = run_epoch(run, max_steps)
-        if run.state.batches_done < run.batches_per_epoch:  # stopped by max_steps
+        stopped = max_steps is not None and run.state.global_step >= max_steps
+        # A stream's epoch may also end early, when a slot ran dry (training/streamed.py): it is still whole.
+        if stopped and run.state.batches_done < run.batches_per_epoch:
             break
         end_epoch(run, losses, time.perf_counter() - started)
     return finish(run)
@@ -57,11 +60,7 @@ def run_epoch(run: Run, max_steps: int | None) -> list[float]:
     """The epoch's batches (the rest of them, when resuming mid-epoch), one :func:`train_step` each; returns the
     finite losses. Raises :class:`TrainingAborted` after too many non-finite ones in a row."""
     accelerator, state, config = run.accelerator, run.state, run.train_config
-    run.loader.set_epoch(state.epoch)  # the sampler's order
-    # The dataset's captions and crops: Accelerate forwards set_epoch to the dataset only when it finds no sampler
-    # to forward it to, which holds for one process but not for its sharded batch sampler in several.
-    run.dataset.set_epoch(state.epoch)
-    loader = accelerator.skip_first_batches(run.loader, state.batches_done) if state.batches_done else run.loader
+    loader = epoch_batches(run)
     run.model.train()
     losses: list[float] = []
     progress = tqdm(
@@ -88,6 +87,19 @@ def run_epoch(run: Run, max_steps: int | None) -> list[float]:
             break
     progress.close()
     return losses
+
+
+def epoch_batches(run: Run):
+    """The epoch's loader batches from ``batches_done`` on: streamed (the stream continues from its recorded place)
+    or from the map-style loader (its sampler's order, then Accelerate skips what was done)."""
+    state = run.state
+    if isinstance(run.loader, StreamLoader):
+        return run.loader.epoch(state.epoch, state.batches_done)
+    run.loader.set_epoch(state.epoch)  # the sampler's order
+    # The dataset's captions and crops: Accelerate forwards set_epoch to the dataset only when it finds no sampler
+    # to forward it to, which holds for one process but not for its sharded batch sampler in several.
+    run.dataset.set_epoch(state.epoch)
+    return run.accelerator.skip_first_batches(run.loader, state.batches_done) if state.batches_done else run.loader
 
 
 def train_step(
@@ -157,6 +169,9 @@ def end_epoch(run: Run, losses: list[float], seconds: float) -> None:
     accelerator, state = run.accelerator, run.state
     val = evaluate_split(accelerator, run.unwrapped, run.tokenizer, run.splits["val"], run.train_config.eval_batch_size)
     mean_loss = sum(losses) / max(len(losses), 1)
+    if isinstance(run.loader, StreamLoader):
+        state.stream_epochs.append({"epoch": state.epoch + 1, **run.loader.epoch_summary(state.batches_done)})
+        accelerator.print(f"epoch {state.epoch + 1} stream: {format_stream(state.stream_epochs[-1])}")
     state.history.append(
         {"epoch": state.epoch + 1, "step": state.global_step, "train_loss": mean_loss, "val": val, "seconds": seconds}
     )
@@ -186,7 +201,17 @@ def finish(run: Run) -> TrainResult:
     test = encode_split(accelerator, model, run.tokenizer, run.splits["test"], run.train_config.eval_batch_size)
     metrics = test.recall()
     accelerator.print(f"test (best epoch {state.best_epoch}): {format_metrics(metrics)}")
-    return TrainResult(model, run.tokenizer, run.splits, state, {"val": best_val, "test": metrics}, test)
+    results: dict[str, Any] = {"val": best_val, "test": metrics}
+    if isinstance(run.loader, StreamLoader):  # metrics.json says what the stream gave and what it skipped
+        bad = run.loader.position()["bad"]
+        results["train_stream"] = {"bad": bad, "epochs": state.stream_epochs}
+    return TrainResult(model, run.tokenizer, run.splits, state, results, test)
+
+
+def format_stream(summary: dict[str, Any]) -> str:
+    bad = ", ".join(f"{reason} {count:,}" for reason, count in sorted(summary["bad"].items())) or "none"
+    return (f"{summary['pairs']:,} pairs trained on, {sum(summary['bad'].values()):,} bad samples skipped ({bad}), "
+            f"{summary['dropped']:,} left out to keep every process's batches equal")  # fmt: skip
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -156,7 +156,10 @@ class DeviceBatch:
         self.channels_last = channels_last
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        batch = dict(batch)
+        # A streamed batch arrives on the CPU (training/streamed.py); a prepared loader's is already here.
+        batch = {
+            key: value.to(self.device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
+        }
         if "images" in batch:
             batch["pixel_values"] = decode_batch(batch.pop("images"), self.augment, self.device)
         if self.channels_last and "pixel_values" in batch:

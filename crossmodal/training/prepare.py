@@ -16,7 +16,9 @@ from transformers import get_cosine_schedule_with_warmup
 
 from crossmodal.config import ModelConfig, TrainConfig
 from crossmodal.data.dataset import DataSource, caption_table, check_rows, load_splits
-from crossmodal.encoding.batches import loader_workers
+from crossmodal.data.shards import Keys
+from crossmodal.data.stream import ShardCorpus, caption_sample
+from crossmodal.encoding.batches import CaptionBatcher, loader_workers
 from crossmodal.model.dual_encoder import DualEncoder, build_model
 from crossmodal.model.pinned import pin_towers
 from crossmodal.model.tokenizer import run_tokenizer
@@ -24,8 +26,11 @@ from crossmodal.training import checkpoint
 from crossmodal.training.augment import TrainAugment
 from crossmodal.training.locked import locked_inputs
 from crossmodal.training.optimizer import make_optimizer
-from crossmodal.training.pairs import DeviceBatch, TrainPairs, make_train_loader
+from crossmodal.training.pairs import DeviceBatch, TrainBatcher, TrainPairs, make_train_loader
 from crossmodal.training.state import Run, RunState, StopFlag
+from crossmodal.training.streamed import StreamedPairs, StreamLoader
+
+TOKENIZER_SAMPLE = 100_000  # captions a tokenizer fit on a stream (the tiny preset) reads: a bounded sample
 
 
 def make_accelerator(
@@ -69,7 +74,14 @@ def setup_run(
     # A pinned tower's files are verified before any is read.
     model_config = pin_towers(model_config)
     splits = load_checked(accelerator, source, train_config.max_bad_row_fraction)
-    tokenizer = run_tokenizer(model_config, lambda: caption_table(splits["train"])[0], output_dir, accelerator)
+    # Streamed pairs (crossmodal/training/streamed.py): shards counted, nothing else read before the first step.
+    corpus = ShardCorpus.open(source.train_data, source.train_num_samples) if source.train_data else None
+    train_captions = (
+        (lambda: caption_sample(corpus, TOKENIZER_SAMPLE, source.keys))
+        if corpus is not None
+        else (lambda: caption_table(splits["train"])[0])
+    )
+    tokenizer = run_tokenizer(model_config, train_captions, output_dir, accelerator)
     model, model_config = build_model(
         model_config, tokenizer, pretrained=True, freeze_image_norm_stats=train_config.freeze_image_norm_stats
     )
@@ -78,13 +90,19 @@ def setup_run(
     model.lock(text=train_config.lock_text_tower, image=train_config.lock_image_tower)
     optimizer = make_optimizer(model, train_config, fused=on_cuda)
     augment = TrainAugment(model_config)
-    dataset, loader = make_training_data(accelerator, model, tokenizer, splits, train_config, augment)
+    if corpus is None:
+        dataset, loader = make_training_data(accelerator, model, tokenizer, splits, train_config, augment)
+    else:
+        dataset, loader = make_streamed_data(accelerator, model, tokenizer, corpus, source.keys, train_config, augment)
     batches_per_epoch = len(loader)
     if batches_per_epoch == 0:
         raise ValueError(f"{len(dataset)} training images is fewer than one global batch of {train_config.batch_size}")
     total_steps = batches_per_epoch // train_config.grad_accum_steps * train_config.epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(train_config.warmup_fraction * total_steps), total_steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if corpus is None:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    else:  # each process reads its own slots: Accelerate's loader would dispatch every batch from rank 0
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if accelerator.log_with:
         accelerator.init_trackers("crossmodal", config={**asdict(train_config), "embed_dim": model_config.embed_dim})
     device_batch = DeviceBatch(augment, accelerator.device, channels_last=on_cuda)
@@ -98,6 +116,8 @@ def setup_run(
             accelerator, resume_from, model=model, optimizer=optimizer, scheduler=scheduler
         )
         run.state = RunState(**{**saved, "loss_log": [tuple(entry) for entry in saved["loss_log"]]})
+        if isinstance(loader, StreamLoader) and run.state.stream:
+            loader.restore(run.state.stream)
         accelerator.print(f"resumed from {resume_from} (epoch {run.state.epoch}, batch {run.state.batches_done})")
     return run
 
@@ -119,6 +139,44 @@ def make_training_data(
     )
     workers = loader_workers(train_config.num_workers, accelerator.num_processes)
     return dataset, make_train_loader(dataset, locked.captions, train_config, workers)
+
+
+def make_streamed_data(
+    accelerator: Accelerator,
+    model: DualEncoder,
+    tokenizer: Any,
+    corpus: ShardCorpus,
+    keys: Keys,
+    train_config: TrainConfig,
+    augment: TrainAugment,
+) -> tuple[StreamedPairs, StreamLoader]:
+    """Pairs streamed from ``corpus``'s shards, each process reading its own slots; a locked tower runs on every
+    batch (its features are not computed ahead: that would read the whole corpus before the first step)."""
+    if train_config.caption_negatives:
+        raise ValueError("--caption-negatives needs the training captions ahead of time; --train-data streams them")
+    model.to(accelerator.device)
+    workers = loader_workers(train_config.num_workers, accelerator.num_processes)
+    slots = train_config.stream_slots or accelerator.num_processes * max(workers, 1)
+    readers = accelerator.num_processes * max(workers, 1)
+    if slots % readers or train_config.batch_size % slots:
+        raise ValueError(
+            f"{slots} stream slots must divide by the {readers} readers ({accelerator.num_processes} processes x "
+            f"{max(workers, 1)} loader workers) and the global batch of {train_config.batch_size} by the slots"
+        )
+    pairs = StreamedPairs(
+        corpus, augment, seed=train_config.seed, slots=slots, batch_size=train_config.batch_size,
+        shuffle_buffer=train_config.shuffle_buffer, process=accelerator.process_index,
+        processes=accelerator.num_processes, keys=keys,
+    )  # fmt: skip
+    collate = TrainBatcher(CaptionBatcher(tokenizer, model.config))
+    loader = StreamLoader(
+        pairs, collate, accelerator, workers=workers, max_bad_fraction=train_config.max_bad_row_fraction
+    )
+    accelerator.print(
+        f"train data {corpus.spec}: {len(corpus.shards):,} shards, {corpus.num_samples:,} pairs an epoch, "
+        f"{slots} slots, {len(loader):,} batches an epoch"
+    )
+    return pairs, loader
 
 
 def load_checked(accelerator: Accelerator, source: DataSource, max_bad_fraction: float) -> datasets.DatasetDict:

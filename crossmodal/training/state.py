@@ -20,6 +20,7 @@ from crossmodal.encoding.embed import SplitEmbeddings
 from crossmodal.model.dual_encoder import DualEncoder
 from crossmodal.training import checkpoint
 from crossmodal.training.pairs import DeviceBatch, TrainPairs
+from crossmodal.training.streamed import StreamedPairs, StreamLoader
 
 
 class TrainingAborted(RuntimeError):
@@ -42,6 +43,10 @@ class RunState:
     skipped_steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per finished epoch
     loss_log: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) every log_every steps
+    # Streamed pairs (training/streamed.py): each slot's place in its epoch and the run's skipped samples by reason,
+    # and per finished epoch what it did with its samples (pairs trained on, bad, dropped).
+    stream: dict[str, Any] | None = None
+    stream_epochs: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -50,7 +55,7 @@ class TrainResult:
     tokenizer: Any
     splits: datasets.DatasetDict  # after the bad-row checks
     state: RunState
-    metrics: dict[str, dict[str, float]]
+    metrics: dict[str, dict[str, Any]]  # val and test Recall@K; with --train-data, what the stream skipped
     test_embeddings: SplitEmbeddings  # what the test metrics were computed on: the artifact reuses them
 
 
@@ -73,8 +78,8 @@ class Run:
     model: torch.nn.Module  # prepared by Accelerate (wrapped in DDP when distributed)
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    dataset: TrainPairs
-    loader: DataLoader
+    dataset: TrainPairs | StreamedPairs
+    loader: DataLoader | StreamLoader
     device_batch: DeviceBatch
     output_dir: Path
     state: RunState
@@ -95,6 +100,9 @@ class Run:
         return self.output_dir / "best" / "model.safetensors"
 
     def save_checkpoint(self) -> Path:
+        """Every process calls it (the stream's place is gathered from all of them)."""
+        if isinstance(self.loader, StreamLoader):
+            self.state.stream = self.loader.position()
         return checkpoint.save_checkpoint(
             self.accelerator, self.checkpoints, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
             run_state=asdict(self.state), keep=self.train_config.keep_checkpoints,

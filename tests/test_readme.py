@@ -48,6 +48,20 @@ TRAIN_TWO_PROCESSES = (
 EVALUATE_FROM_DATA = (
     "python -m crossmodal evaluate --artifacts runs/tiny/artifacts --dataset data/synthetic --split test"
 )
+SHARDS = "python -m crossmodal synthetic --format webdataset --train 2000 --shard-size 500 --out data/shards"
+TRAIN_STREAMED = (
+    "accelerate launch train_accelerate.py --preset tiny --train-data 'data/shards/{00000..00003}.tar' "
+    "--dataset data/synthetic --output-dir runs/streamed --epochs 1"
+)
+CC3M_FLAGS = (
+    "train_accelerate.py --preset flickr30k --output-dir runs/cc3m --train-data "
+    "'hf://datasets/pixparse/cc3m-wds/cc3m-train-*.tar' --train-num-samples 2900000"
+)
+TRAIN_CC3M = f"accelerate launch {CC3M_FLAGS}"
+TRAIN_MACHINES = (
+    "accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 --main_process_ip 10.0.0.1 "
+    f"--main_process_port 29500 {CC3M_FLAGS}"
+)
 PUSH = (
     "python push_to_hub.py --artifacts runs/flickr30k/artifacts --repo-id your-name/crossmodal-flickr30k "
     "--space-readme README.md"
@@ -79,6 +93,10 @@ COMMANDS = {
     TRAIN_FLICKR: "run as typed, offline: test_the_flickr30k_command_offline_names_the_dataset_and_stops",
     TRAIN_TWO_PROCESSES: "run as typed: test_the_two_process_command_trains_and_writes_a_verified_folder",
     EVALUATE_FROM_DATA: "run as typed: test_evaluate_reproduces_metrics_json",
+    SHARDS: "run as typed: test_the_streamed_command_trains_on_shards",
+    TRAIN_STREAMED: "run as typed: test_the_streamed_command_trains_on_shards",
+    TRAIN_CC3M: "needs the Hub; its flags are checked: test_the_hub_and_machine_commands_take_flags_that_exist",
+    TRAIN_MACHINES: "needs machines; its flags are checked: test_the_hub_and_machine_commands_take_flags_that_exist",
     PUSH: "run as typed against the mocked HfApi: test_the_push_command_publishes_and_pins_the_readme",
     CREATE_SPACE: "needs the Hub; its flags are checked: test_the_space_is_created_with_flags_hf_knows",
     PUSH_SPACE: "a placeholder for the user's Space URL, and the Hub: not run",
@@ -190,6 +208,39 @@ def test_the_two_process_command_trains_and_writes_a_verified_folder(readme_sand
     evaluated = json.loads(readme_sandbox.run(f"python -m crossmodal evaluate --artifacts {artifacts}").stdout)
     assert evaluated == pytest.approx(two["test"], abs=1.0)
     assert two["test"]["t2i_R@10"] > 20, two  # chance: 10%
+
+
+def test_the_streamed_command_trains_on_shards(readme_sandbox, demo_run):
+    """README's streamed training on generated shards, after the demo wrote data/synthetic: the shards are counted,
+    one epoch of pairs streams through, and the artifact's gallery is the dataset's, not the shards'."""
+    readme_sandbox.run(SHARDS)
+    result = readme_sandbox.run(TRAIN_STREAMED, timeout=900)
+    output = result.stdout + result.stderr
+    assert "train data data/shards/{00000..00003}.tar: 4 shards, 2,000 pairs an epoch" in output, output[-3000:]
+    assert "1,984 pairs trained on, 0 bad samples skipped (none), 16 left out" in output, output[-3000:]
+    artifacts = readme_sandbox.root / "runs" / "streamed" / "artifacts"
+    loaded = load_verified(artifacts)
+    assert len(loaded.image_embeddings) == 1200  # data/synthetic's 1000 + 100 + 100 pictures
+    metrics = json.loads((artifacts / "metrics.json").read_text())
+    assert metrics["train_stream"]["epochs"] == [{"epoch": 1, "pairs": 1984, "bad": {}, "dropped": 16}]
+    assert (
+        json.loads((artifacts / "manifest.json").read_text())["dataset"]["train_data"]
+        == "data/shards/{00000..00003}.tar"
+    )
+
+
+def test_the_hub_and_machine_commands_take_flags_that_exist(readme_sandbox):
+    """The CC3M and two-machine commands need the Hub and machines; every flag they pass is one the launcher or
+    train_accelerate.py lists."""
+    launcher = readme_sandbox.run("accelerate launch --help").stdout
+    training = readme_sandbox.run("python train_accelerate.py --help").stdout
+    for command in (TRAIN_CC3M, TRAIN_MACHINES):
+        words = shlex.split(command)
+        script = words.index("train_accelerate.py")
+        for flag in (word for word in words[:script] if word.startswith("--")):
+            assert flag in launcher, flag
+        for flag in (word for word in words[script:] if word.startswith("--")):
+            assert flag in training, flag
 
 
 # --- publishing -------------------------------------------------------------------------------------------------

@@ -53,7 +53,22 @@ class ShardCorpus:
         """Expand ``spec`` and count each shard's samples: from img2dataset's ``_stats.json`` beside it, a Parquet
         footer, or a local tar's headers. Nothing else is read before training."""
         shards = tuple(expand_shards(spec))
-        counts = tuple(shard_size(shard) for shard in shards)
+        known = [shard_size(shard) for shard in shards]
+        unknown = known.count(None)
+        if unknown and num_samples is None:
+            first = shards[known.index(None)]
+            raise ShardError(
+                f"{unknown:,} shards, {first} first, have no _stats.json beside them: a remote tar's size is "
+                "unknown until it is read; give the epoch's size with --train-num-samples"
+            )
+        if unknown:
+            # open_clip's way: the shards of unknown size share what --train-num-samples leaves, evenly. A shard
+            # holding more is read only as far as its share; one holding less leaves its slot short, and the
+            # epoch ends when that slot runs dry (reported as dropped): never a sample twice.
+            rest = max(num_samples - sum(count for count in known if count is not None), 0)
+            share = -(-rest // unknown)
+            known = [share if count is None else count for count in known]
+        counts = tuple(known)
         total = sum(counts)
         if num_samples is not None and not 0 < num_samples <= total:
             raise ShardError(f"--train-num-samples {num_samples} must be between 1 and the {total:,} samples of {spec}")
@@ -85,8 +100,8 @@ class Segment:
     end: int
 
 
-def shard_size(shard: str) -> int:
-    """A shard's sample count, without reading its pictures."""
+def shard_size(shard: str) -> int | None:
+    """A shard's sample count, without reading its pictures; None for a remote tar without a stats file."""
     counted = stats_count(shard)
     if counted is not None:
         return counted

@@ -76,12 +76,12 @@ def setup_run(
     splits = load_checked(accelerator, source, train_config.max_bad_row_fraction)
     # Streamed pairs (crossmodal/training/streamed.py): shards counted, nothing else read before the first step.
     corpus = ShardCorpus.open(source.train_data, source.train_num_samples) if source.train_data else None
-    train_captions = (
-        (lambda: caption_sample(corpus, TOKENIZER_SAMPLE, source.keys))
-        if corpus is not None
-        else (lambda: caption_table(splits["train"])[0])
-    )
-    tokenizer = run_tokenizer(model_config, train_captions, output_dir, accelerator)
+    if corpus is not None:  # a tokenizer fit on the captions (tiny) reads a bounded sample of the stream
+        tokenizer = run_tokenizer(
+            model_config, lambda: caption_sample(corpus, TOKENIZER_SAMPLE, source.keys), output_dir, accelerator
+        )
+    else:
+        tokenizer = run_tokenizer(model_config, lambda: caption_table(splits["train"])[0], output_dir, accelerator)
     model, model_config = build_model(
         model_config, tokenizer, pretrained=True, freeze_image_norm_stats=train_config.freeze_image_norm_stats
     )
@@ -110,16 +110,22 @@ def setup_run(
         accelerator, train_config, splits, tokenizer, model, optimizer, scheduler, dataset, loader, device_batch,
         output_dir, RunState(), stop, batches_per_epoch,
     )  # fmt: skip
-    resume_from = checkpoint.resolve_resume(resume, run.checkpoints)
-    if resume_from is not None:  # weights, optimizer, schedule, RNG, and where in which epoch we were
-        saved = checkpoint.load_checkpoint(
-            accelerator, resume_from, model=model, optimizer=optimizer, scheduler=scheduler
-        )
-        run.state = RunState(**{**saved, "loss_log": [tuple(entry) for entry in saved["loss_log"]]})
-        if isinstance(loader, StreamLoader) and run.state.stream:
-            loader.restore(run.state.stream)
-        accelerator.print(f"resumed from {resume_from} (epoch {run.state.epoch}, batch {run.state.batches_done})")
+    resume_run(run, resume)
     return run
+
+
+def resume_run(run: Run, resume: str | None) -> None:
+    """Weights, optimizer, schedule, RNG, and where in which epoch we were (a stream: each slot's place)."""
+    resume_from = checkpoint.resolve_resume(resume, run.checkpoints)
+    if resume_from is None:
+        return
+    saved = checkpoint.load_checkpoint(
+        run.accelerator, resume_from, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler
+    )
+    run.state = RunState(**{**saved, "loss_log": [tuple(entry) for entry in saved["loss_log"]]})
+    if isinstance(run.loader, StreamLoader) and run.state.stream:
+        run.loader.restore(run.state.stream)
+    run.accelerator.print(f"resumed from {resume_from} (epoch {run.state.epoch}, batch {run.state.batches_done})")
 
 
 def make_training_data(

@@ -155,7 +155,7 @@ def read_shard(shard: str, keys: Keys = Keys()) -> Iterator[ShardSample | BadSam
         yield from (read_parquet if shard.endswith(".parquet") else read_tar)(stream, shard, keys)
 
 
-def _split_member(name: str) -> tuple[str, str]:
+def split_member(name: str) -> tuple[str, str]:
     """webdataset's rule: a member's key is its path up to the first dot of its file name; the rest, its field."""
     path = PurePosixPath(name)
     stem, _, field = path.name.partition(".")
@@ -183,7 +183,7 @@ def read_tar(stream: BinaryIO, shard: str, keys: Keys = Keys()) -> Iterator[Shar
             for member in archive:
                 if not member.isfile():
                     continue
-                member_key, field = _split_member(member.name)
+                member_key, field = split_member(member.name)
                 if member_key != key:
                     if key is not None:
                         yield _assemble(key, fields, keys)

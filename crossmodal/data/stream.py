@@ -34,6 +34,7 @@ from crossmodal.data.shards import (
     expand_shards,
     open_shard,
     read_shard,
+    split_member,
 )
 
 SHARD_ORDER, SLOT_BUFFER = 20, 21  # the seed streams of the shard order and of each slot's shuffle buffer
@@ -139,7 +140,7 @@ def _tar_keys(shard: str) -> int:
         with tarfile.open(shard, mode="r:") as archive:
             for member in archive:
                 if member.isfile():
-                    keys.add(member.name.rsplit("/", 1)[-1].partition(".")[0] + "\0" + member.name.rpartition("/")[0])
+                    keys.add(split_member(member.name)[0])
     except (tarfile.TarError, OSError) as error:
         raise ShardError(f"shard {shard} is not a readable tar: {error}") from error
     return len(keys)
